@@ -1,0 +1,1 @@
+"""SVB/BBN model zoo: importing this package registers the models with timm."""
