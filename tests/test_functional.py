@@ -1,0 +1,229 @@
+"""The SVB/BBN math against independent references: numpy float64 SVD and the written-out formulas."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from timm_svb.functional import (
+    band,
+    bbn_gamma,
+    bbn_ratio,
+    clip_singular_values,
+    orthogonal_init_,
+    singular_values,
+    weight_matrices,
+)
+
+
+def reference_bound(matrix: np.ndarray, epsilon: float) -> np.ndarray:
+    """Algorithm 1 for one matrix, in float64: SVD, clip, rebuild."""
+    u, s, vh = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
+    return (u * np.clip(s, 1 / (1 + epsilon), 1 + epsilon)) @ vh
+
+
+def with_spectrum(rows: int, cols: int, s_min: float, s_max: float, rng: np.random.Generator) -> np.ndarray:
+    """A random rows x cols matrix whose singular values are log-uniform in [s_min, s_max], ends included."""
+    p = min(rows, cols)
+    u, _ = np.linalg.qr(rng.standard_normal((rows, p)))
+    v, _ = np.linalg.qr(rng.standard_normal((cols, p)))
+    s = np.exp(rng.uniform(np.log(s_min), np.log(s_max), p))
+    s[0], s[-1] = s_min, s_max
+    return (u * s) @ v.T
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+SHAPES = [(8, 40), (40, 8), (24, 24), (1, 30), (30, 1), (64, 576), (576, 64), (3, 3)]
+SPECTRA = [(0.3, 3.0), (0.8, 1.2), (1e-5, 10.0), (1e-3, 1e-2), (5.0, 10.0), (0.95, 30.0)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("spectrum", SPECTRA)
+@pytest.mark.parametrize("epsilon", [0.05, 0.5])
+def test_clip_matches_float64_svd(shape, spectrum, epsilon):
+    rng = np.random.default_rng(hash((shape, spectrum, epsilon)) % 2**32)
+    mats = np.stack([with_spectrum(*shape, *spectrum, rng) for _ in range(3)]).astype(np.float32)
+    result = clip_singular_values(torch.from_numpy(mats), epsilon)
+    lo, hi = band(epsilon)
+    for got, mat, s_min, s_max in zip(result.matrices, mats, result.sv_min, result.sv_max, strict=True):
+        got = got.double().numpy()
+        expected = reference_bound(mat, epsilon)
+        assert rel_err(got, expected) <= 1e-4
+        s_got = np.linalg.svd(got, compute_uv=False)
+        assert s_got.min() >= lo * (1 - 1e-4) and s_got.max() <= hi * (1 + 1e-4)
+        s_true = np.linalg.svd(mat.astype(np.float64), compute_uv=False)
+        assert s_min.item() == pytest.approx(s_true.min(), rel=1e-4)
+        assert s_max.item() == pytest.approx(s_true.max(), rel=1e-4)
+
+
+def test_ill_conditioned_takes_float64_fallback_and_is_exact():
+    rng = np.random.default_rng(1)
+    mats = np.stack([with_spectrum(32, 96, 1e-5, 10.0, rng), with_spectrum(32, 96, 0.9, 1.1, rng)])
+    result = clip_singular_values(torch.from_numpy(mats.astype(np.float32)), 0.5)
+    assert result.fallback.tolist() == [True, False]
+    exact = reference_bound(mats[0].astype(np.float32), 0.5)
+    assert rel_err(result.matrices[0].double().numpy(), exact) <= 1e-6
+    assert result.sv_min[0].item() == pytest.approx(1e-5, rel=1e-2)  # float32 storage of the input
+
+
+def test_float64_input_is_computed_in_float64():
+    rng = np.random.default_rng(2)
+    mat = with_spectrum(20, 50, 1e-3, 5.0, rng)
+    result = clip_singular_values(torch.from_numpy(mat)[None], 0.2)
+    assert result.matrices.dtype == torch.float64
+    assert rel_err(result.matrices[0].numpy(), reference_bound(mat, 0.2)) <= 1e-9
+
+
+def test_in_band_matrices_are_bitwise_unchanged_and_counted():
+    rng = np.random.default_rng(3)
+    inside = with_spectrum(16, 48, 0.7, 1.4, rng).astype(np.float32)
+    outside = with_spectrum(16, 48, 0.1, 3.0, rng).astype(np.float32)
+    result = clip_singular_values(torch.from_numpy(np.stack([inside, outside])), 0.5)
+    assert torch.equal(result.matrices[0], torch.from_numpy(inside))
+    s = np.linalg.svd(outside.astype(np.float64), compute_uv=False)
+    assert result.num_clipped.tolist() == [0, int(((s < 1 / 1.5) | (s > 1.5)).sum())]
+
+
+def test_bounding_twice_changes_nothing():
+    rng = np.random.default_rng(4)
+    mats = torch.from_numpy(
+        np.stack([with_spectrum(64, 576, 0.1, 4.0, rng) for _ in range(2)]).astype(np.float32)
+    )
+    once = clip_singular_values(mats, 0.5).matrices
+    twice = clip_singular_values(once, 0.5)
+    assert twice.num_clipped.sum() == 0
+    assert torch.equal(twice.matrices, once)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv2d(8, 16, 3, groups=2),
+        nn.Conv2d(12, 12, 3, groups=12),  # depthwise: 12 matrices of 1 x 9
+        nn.Conv2d(64, 16, 1),
+        nn.Conv1d(6, 10, 5),
+        nn.Conv3d(4, 6, (3, 2, 2), groups=2),
+        nn.Linear(30, 7),
+    ],
+)
+def test_weight_matrices_match_groups(layer):
+    groups = getattr(layer, "groups", 1)
+    mats = weight_matrices(layer.weight, groups)
+    out = layer.weight.shape[0]
+    assert mats.shape == (groups, out // groups, layer.weight[0].numel())
+    for g in range(groups):
+        block = layer.weight[g * out // groups : (g + 1) * out // groups].reshape(out // groups, -1)
+        assert torch.equal(mats[g], block)
+
+
+def test_weight_matrices_rejects_bad_groups():
+    with pytest.raises(ValueError, match="groups"):
+        weight_matrices(torch.zeros(6, 2, 3, 3), groups=4)
+
+
+def test_singular_values_per_group_against_numpy():
+    layer = nn.Conv2d(8, 12, 3, groups=4)
+    got = singular_values(layer.weight, groups=4)
+    w = layer.weight.detach().double().numpy().reshape(4, 3, -1)
+    expected = np.stack([np.linalg.svd(m, compute_uv=False) for m in w])
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-8)
+
+
+def test_singular_values_ill_conditioned():
+    rng = np.random.default_rng(5)
+    mat = with_spectrum(10, 30, 1e-7, 10.0, rng)
+    got = singular_values(torch.from_numpy(mat))
+    np.testing.assert_allclose(got[0].numpy(), np.linalg.svd(mat, compute_uv=False), rtol=1e-6)
+
+
+def reference_bbn(gamma, var, eps, bbn_eps):
+    """Algorithm 2 as written in reference-implementation.md, element by element."""
+    sigma = [math.sqrt(v + eps) for v in var]
+    alpha = sum(g / s for g, s in zip(gamma, sigma, strict=True)) / len(gamma)
+    out = []
+    for g, s in zip(gamma, sigma, strict=True):
+        if g / (s * alpha) > 1 + bbn_eps:
+            g = s * alpha * (1 + bbn_eps)
+        elif g / (s * alpha) < 1 / (1 + bbn_eps):
+            g = s * alpha / (1 + bbn_eps)
+        out.append(g)
+    return out
+
+
+@pytest.mark.parametrize("bbn_eps", [0.05, 0.2, 1.0])
+def test_bbn_matches_algorithm_2(bbn_eps):
+    rng = np.random.default_rng(6)
+    gamma = rng.uniform(0.05, 3.0, 64)
+    var = rng.uniform(0.01, 4.0, 64)
+    got = bbn_gamma(torch.from_numpy(gamma), torch.from_numpy(var), 1e-5, bbn_eps)
+    np.testing.assert_allclose(got.numpy(), reference_bbn(gamma, var, 1e-5, bbn_eps), rtol=1e-12)
+    changed = got.numpy() != gamma
+    assert changed.any() and not changed.all()
+
+
+def test_bbn_rel_mode_matches_reference_code():
+    gamma = torch.tensor([0.1, 0.9, 1.0, 1.1, 5.0], dtype=torch.float64)
+    m = gamma.mean().item()
+    expected = [min(max(g / m, 0.5), 2.0) * m for g in gamma.tolist()]
+    got = bbn_gamma(gamma, None, 1e-5, 1.0, mode="rel")
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(bbn_ratio(gamma, None, 0, "rel").numpy(), (gamma / m).numpy(), rtol=1e-12)
+
+
+def test_bbn_float32_gamma_keeps_dtype_and_in_band_values():
+    gamma = torch.tensor([1.0, 1.01, 0.99, 3.5])  # alpha = 1.625: only 3.5 is out of band
+    got = bbn_gamma(gamma, torch.ones(4), 1e-5, 1.0)
+    assert got.dtype == torch.float32
+    assert torch.equal(got[:3], gamma[:3]) and got[3] < gamma[3]
+
+
+def test_bbn_bad_mode_and_missing_var():
+    with pytest.raises(ValueError, match="bbn_mode"):
+        bbn_gamma(torch.ones(3), torch.ones(3), 1e-5, 1.0, mode="abs")
+    with pytest.raises(ValueError, match="running variance"):
+        bbn_gamma(torch.ones(3), None, 1e-5, 1.0)
+
+
+@pytest.mark.parametrize("epsilon", [0, -1, float("nan"), float("inf"), "x"])
+def test_band_rejects_bad_epsilon(epsilon):
+    with pytest.raises(ValueError, match="epsilon"):
+        band(epsilon)
+
+
+def test_orthogonal_init_all_singular_values_one():
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3),
+        nn.BatchNorm2d(16),
+        nn.Conv2d(16, 32, 3, groups=4),
+        nn.Conv2d(32, 32, 3, groups=32),
+        nn.Conv1d(4, 64, 1),
+        nn.Conv3d(2, 4, 3),
+        nn.Linear(32, 10),
+        nn.Linear(10, 100),
+    )
+    with torch.no_grad():
+        model[1].weight.fill_(3.0)
+        model[1].bias.fill_(2.0)
+    bias_before = model[0].bias.clone()
+    orthogonal_init_(model, generator=torch.Generator().manual_seed(0))
+    for layer in model:
+        if isinstance(layer, nn.BatchNorm2d):
+            assert torch.equal(layer.weight, torch.ones(16)) and torch.equal(layer.bias, torch.zeros(16))
+            continue
+        groups = getattr(layer, "groups", 1)
+        w = layer.weight.detach().double().numpy().reshape(groups, layer.weight.shape[0] // groups, -1)
+        for mat in w:
+            np.testing.assert_allclose(np.linalg.svd(mat, compute_uv=False), 1.0, atol=1e-5)
+    assert torch.equal(model[0].bias, bias_before)
+
+
+def test_orthogonal_init_is_seeded():
+    a, b = nn.Linear(20, 30), nn.Linear(20, 30)
+    orthogonal_init_(a, generator=torch.Generator().manual_seed(7))
+    orthogonal_init_(b, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a.weight, b.weight)

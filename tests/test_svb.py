@@ -1,0 +1,336 @@
+"""The SVB plugin: apply, statistics, schedule, hooks under Accelerate and GradScaler, state, bad input."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from timm_svb import SVB, NonFiniteWeightError
+from timm_svb.functional import bbn_gamma
+
+
+def small_net(seed: int = 0) -> nn.Module:
+    """Weights far out of band (scaled Gaussian), grouped/depthwise convs, BN with varied statistics."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, groups=4, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False),
+        nn.Conv2d(32, 32, 3, padding=1, bias=False),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_(3.0)
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.1, 4.0)
+                m.running_var.uniform_(0.1, 3.0)
+    return net
+
+
+def numpy_svs(module: nn.Module) -> np.ndarray:
+    groups = getattr(module, "groups", 1)
+    w = module.weight.detach().double().numpy().reshape(groups, module.weight.shape[0] // groups, -1)
+    return np.concatenate([np.linalg.svd(m, compute_uv=False) for m in w])
+
+
+def matrix_layers(net: nn.Module) -> list[nn.Module]:
+    return [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def test_apply_bounds_every_layer_and_reports():
+    net = small_net()
+    before = {id(m): numpy_svs(m) for m in matrix_layers(net)}
+    bias = net[0].bias.clone()
+    stats = SVB(net, epsilon=0.2).apply(per_layer=True)
+    expected_clipped = 0
+    for m in matrix_layers(net):
+        s = numpy_svs(m)
+        assert s.min() >= 1 / 1.2 * (1 - 1e-4) and s.max() <= 1.2 * (1 + 1e-4)
+        expected_clipped += int(((before[id(m)] < 1 / 1.2) | (before[id(m)] > 1.2)).sum())
+    assert stats.layers == 5 and stats.bn_layers == 0
+    assert stats.clipped == expected_clipped
+    all_before = np.concatenate(list(before.values()))
+    assert stats.sv_min == pytest.approx(all_before.min(), rel=1e-4)
+    assert stats.sv_max == pytest.approx(all_before.max(), rel=1e-4)
+    assert set(stats.per_layer) == {"0", "3", "6", "7", "10"}
+    assert stats.per_layer["10"].sv_max == pytest.approx(before[id(net[10])].max(), rel=1e-4)
+    assert torch.equal(net[0].bias, bias)
+
+
+def test_apply_with_bbn_matches_formula_and_leaves_beta_and_stats():
+    net = small_net()
+    gammas = [(bn, bn.weight.detach().clone()) for bn in net.modules() if isinstance(bn, nn.BatchNorm2d)]
+    kept = [(bn.bias.clone(), bn.running_mean.clone(), bn.running_var.clone()) for bn, _ in gammas]
+    stats = SVB(net, epsilon=0.5, bbn_epsilon=0.2).apply()
+    assert stats.bn_layers == 2 and stats.bn_clipped > 0
+    for (bn, gamma), (beta, mean, var) in zip(gammas, kept, strict=True):
+        torch.testing.assert_close(bn.weight.detach(), bbn_gamma(gamma, var, bn.eps, 0.2), rtol=0, atol=0)
+        assert torch.equal(bn.bias, beta) and torch.equal(bn.running_mean, mean)
+        assert torch.equal(bn.running_var, var)
+
+
+def test_in_band_model_is_bitwise_unchanged():
+    net = small_net()
+    svb = SVB(net, epsilon=0.5)
+    svb.apply()
+    with torch.no_grad():  # BN gammas in band: gamma / sigma within a factor 1.2 of each other
+        for bn in net.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                sigma = (bn.running_var + bn.eps).sqrt()
+                bn.weight.copy_(sigma * torch.empty_like(sigma).uniform_(1.0, 1.2))
+    snapshot = {k: v.clone() for k, v in net.state_dict().items()}
+    stats = SVB(net, epsilon=0.5, bbn_epsilon=0.5).apply()
+    assert stats.clipped == 0 and stats.bn_clipped == 0
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, snapshot[k]), k
+
+
+def test_bf16_weights_keep_dtype():
+    net = small_net().to(torch.bfloat16)
+    SVB(net, epsilon=0.5).apply()
+    for m in matrix_layers(net):
+        assert m.weight.dtype == torch.bfloat16
+        s = numpy_svs(m.float())
+        assert s.min() >= 1 / 1.5 * 0.98 and s.max() <= 1.5 * 1.02  # bf16 rounding of the stored result
+
+
+def test_include_exclude_and_layer_types():
+    net = small_net()
+    classifier = net[10].weight.clone()
+    svb = SVB(net, exclude=("10",))
+    assert [layer.name for layer in svb.layers] == ["0", "3", "6", "7"]
+    svb.apply()
+    assert torch.equal(net[10].weight, classifier)
+    assert [layer.name for layer in SVB(net, include=("3", "1"), bbn_epsilon=1.0).layers] == ["1", "3"]
+    assert [layer.name for layer in SVB(net, layer_types=(nn.Linear,)).layers] == ["10"]
+    with pytest.raises(TypeError, match="sequence of glob"):
+        SVB(net, exclude="10")
+
+
+def test_shared_weight_bounded_once():
+    lin = nn.Linear(8, 8)
+    net = nn.Sequential(lin, nn.ReLU(), lin)
+    assert len(SVB(net).layers) == 1
+
+
+@pytest.mark.parametrize("name", ["epsilon", "bbn_epsilon"])
+@pytest.mark.parametrize("value", [0.0, -0.5, float("nan"), float("inf")])
+def test_bad_epsilon_names_argument(name, value):
+    with pytest.raises(ValueError, match=name):
+        SVB(small_net(), **{name: value})
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.5])
+def test_bad_every_n_steps(value):
+    with pytest.raises(ValueError, match="every_n_steps"):
+        SVB(small_net(), every_n_steps=value)
+
+
+def test_schedule_rule_arguments_checked():
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        SVB(small_net(), every_n_steps=2, skip_last_steps=3)
+    with pytest.raises(ValueError, match="num_epochs"):
+        SVB(small_net(), steps_per_epoch=10, skip_final_epoch=True)
+    with pytest.raises(ValueError, match="bbn_mode"):
+        SVB(small_net(), bbn_mode="abs")
+
+
+def test_model_without_layers_is_a_clear_error():
+    with pytest.raises(ValueError, match="no layer to bound"):
+        SVB(nn.Sequential(nn.ReLU(), nn.Dropout()))
+    with pytest.raises(ValueError, match="no layer to bound.*exclude"):
+        SVB(nn.Linear(3, 3), exclude=("*",))
+
+
+def test_nan_weight_raises_names_layer_and_writes_nothing():
+    net = small_net()
+    with torch.no_grad():
+        net[7].weight[0, 0, 0, 0] = float("nan")
+    snapshot = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(NonFiniteWeightError, match="layer.*'?7"):
+        SVB(net, bbn_epsilon=1.0).apply()
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, snapshot[k]) or (torch.isnan(v).any() and k == "7.weight"), k
+
+
+def test_nan_weight_warn_mode_skips_only_that_layer():
+    net = small_net()
+    with torch.no_grad():
+        net[7].weight[0, 0, 0, 0] = float("inf")
+    bad = net[7].weight.clone()
+    with pytest.warns(RuntimeWarning, match="7"):
+        stats = SVB(net, on_nonfinite="warn").apply()
+    assert stats.skipped == ["7"] and stats.layers == 4
+    assert torch.equal(net[7].weight, bad)
+    assert numpy_svs(net[3]).max() <= 1.5 * (1 + 1e-4)
+
+
+def test_nan_running_var_in_bbn_is_caught():
+    net = small_net()
+    net[4].running_var[3] = float("nan")
+    gamma = net[4].weight.clone()
+    with pytest.raises(NonFiniteWeightError, match="4"):
+        SVB(net, bbn_epsilon=1.0).apply()
+    assert torch.equal(net[4].weight, gamma)
+
+
+def test_parametrized_weight_is_refused():
+    net = nn.Sequential(nn.Linear(4, 4))
+    torch.nn.utils.parametrizations.orthogonal(net[0])
+    with pytest.raises(ValueError, match="parametrized"):
+        SVB(net)
+
+
+def train_steps(net, svb, optimizer, steps):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        net(torch.randn(4, 3, 8, 8)).square().mean().backward()
+        optimizer.step()
+
+
+def test_hook_fires_every_n_steps_and_handle_removes():
+    net = small_net()
+    svb = SVB(net, every_n_steps=3)
+    calls = []
+    svb.apply = lambda per_layer=False: calls.append(svb.step)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    handle = svb.attach(optimizer)
+    train_steps(net, svb, optimizer, 10)
+    assert calls == [3, 6, 9] and svb.step == 10 and svb.num_applied == 3
+    handle.remove()
+    train_steps(net, svb, optimizer, 3)
+    assert svb.step == 10
+
+
+def test_hook_really_bounds():
+    net = small_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    SVB(net, epsilon=0.5, every_n_steps=2).attach(optimizer)
+    train_steps(net, None, optimizer, 2)
+    for m in matrix_layers(net):
+        assert numpy_svs(m).max() <= 1.5 * (1 + 1e-4)
+
+
+def test_schedule_skips_last_steps_and_final_epoch():
+    svb = SVB(
+        small_net(),
+        every_n_steps=2,
+        steps_per_epoch=10,
+        skip_last_steps=3,
+        num_epochs=3,
+        skip_final_epoch=True,
+    )
+    fired = [t for t in range(1, 31) if svb.should_apply(t)]
+    # epoch 1 = steps 1..10 (8, 9, 10 are its last 3), epoch 2 = 11..20, epoch 3 (final) = 21..30
+    assert fired == [2, 4, 6, 12, 14, 16]
+    once_an_epoch = SVB(small_net(), steps_per_epoch=391)
+    assert once_an_epoch.every_n_steps == 391
+    assert [t for t in range(1, 1200) if once_an_epoch.should_apply(t)] == [391, 782, 1173]
+
+
+def test_attach_without_schedule_is_an_error():
+    with pytest.raises(ValueError, match="every_n_steps"):
+        SVB(small_net()).attach(torch.optim.SGD(small_net().parameters(), lr=0.1))
+
+
+def test_grad_scaler_skipped_steps_not_counted():
+    net = small_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    svb = SVB(net, every_n_steps=2)
+    svb.attach(optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    real = 0
+    for i in range(6):
+        optimizer.zero_grad()
+        scaler.scale(net(torch.randn(4, 3, 8, 8)).square().mean()).backward()
+        if i in (1, 4):
+            net[10].weight.grad[0, 0] = float("inf")  # an overflow: GradScaler skips this step
+        else:
+            real += 1
+        scaler.step(optimizer)
+        scaler.update()
+    assert svb.step == real == 4
+    assert svb.num_applied == 2
+
+
+def test_accelerate_gradient_accumulation_counts_real_steps():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=4)
+    net = small_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    net, optimizer = accelerator.prepare(net, optimizer)
+    svb = SVB(net, every_n_steps=2)
+    svb.attach(optimizer)
+    for _ in range(16):
+        with accelerator.accumulate(net):
+            accelerator.backward(net(torch.randn(4, 3, 8, 8)).square().mean())
+            optimizer.step()
+            optimizer.zero_grad()
+    assert svb.step == 4 and svb.num_applied == 2
+
+
+def test_state_dict_round_trip_continues_schedule():
+    svb = SVB(small_net(), every_n_steps=5)
+    svb.step, svb.num_applied = 7, 1
+    other = SVB(small_net(), every_n_steps=5)
+    other.load_state_dict(svb.state_dict())
+    assert other.state_dict() == {"step": 7, "num_applied": 1}
+    other.apply = lambda per_layer=False: None
+    optimizer = torch.optim.SGD(other.model.parameters(), lr=0.01)
+    other.attach(optimizer)
+    train_steps(other.model, other, optimizer, 3)
+    assert other.step == 10 and other.num_applied == 2
+
+
+def test_from_model_reads_svb_config():
+    net = small_net()
+    net.svb_config = {"epsilon": 0.3, "bbn_epsilon": 1.0}
+    svb = SVB.from_model(net, bbn_epsilon=0.2, every_n_steps=7)
+    assert (svb.epsilon, svb.bbn_epsilon, svb.every_n_steps) == (0.3, 0.2, 7)
+    with pytest.raises(ValueError, match="svb_config"):
+        SVB.from_model(small_net())
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_identical_weights(tmp_path):
+    """torchrun, 2 CPU processes: each bounds its share, then both ranks hold bitwise identical weights."""
+    worker = Path(__file__).with_name("dist_svb_worker.py")
+    torchrun = shutil.which("torchrun")
+    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [*cmd, "--standalone", "--nproc_per_node=2", str(worker), str(tmp_path)],
+        check=True,
+        env=env,
+        timeout=300,
+    )
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    assert rank0["owned"] and rank1["owned"] and not set(rank0["owned"]) & set(rank1["owned"])
+    for k, v in rank0["state"].items():
+        assert torch.equal(v, rank1["state"][k]), k
+    assert rank0["num_applied"] == rank1["num_applied"] == 3
+    assert rank0["clipped"] == rank1["clipped"] > 0  # the last apply changed layers of both ranks' shares
+    # conv/linear weights: the same as one process bounding everything (BN gammas depend on each rank's
+    # own running variance, which DDP does not synchronise after the forward pass)
+    single = small_net()
+    single.load_state_dict(rank0["before_last"])
+    SVB(single, epsilon=0.5).apply()
+    for k, v in single.named_parameters():
+        if k.endswith("weight") and v.dim() > 1:
+            torch.testing.assert_close(v.detach(), rank0["state"][k], rtol=1e-6, atol=1e-6)

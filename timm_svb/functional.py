@@ -1,0 +1,279 @@
+"""The math of SVB and BBN as pure functions (Jia et al., CVPR 2017, Algorithms 1 and 2).
+
+Nothing here holds state or walks a model except :func:`orthogonal_init_`; the :class:`timm_svb.SVB`
+plugin batches layers and calls :func:`clip_singular_values` and :func:`bbn_gamma`.
+
+The fast route for clipping the singular values of a stack of ``m x n`` matrices ``A`` (``m <= n``; tall
+matrices are transposed) is the eigendecomposition of the small Gram matrix ``G = A A^T = U diag(s^2) U^T``.
+Since ``A = U diag(s) V^T``, the bounded matrix is ``U diag(clip(s)) V^T = U diag(clip(s)/s) U^T A``, so
+``V`` is never formed and only clipped directions need rebuilding:
+``A' = A + U_c diag(clip(s_c)/s_c - 1) U_c^T A``. Squaring the singular values costs precision, so a
+matrix whose condition number is beyond what the working dtype resolves falls back to a float64 SVD.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BoundResult",
+    "band",
+    "bbn_gamma",
+    "bbn_ratio",
+    "check_epsilon",
+    "clip_singular_values",
+    "matrices_to_weight",
+    "orthogonal_init_",
+    "singular_values",
+    "weight_matrices",
+]
+
+# Largest condition number (s_max / s_min) a matrix may have for the float32 Gram route: the Gram squares
+# it, and eigenvalue errors of about eps32 * s_max^2 must stay far below s_min^2. At 30 the relative error of
+# the rebuilt matrix against a float64 SVD stays below ~1e-5 (tests/test_functional.py measures it). For
+# float64 inputs the Gram route is exact enough up to ~1e5.
+_GRAM_COND_LIMIT = {torch.float32: 30.0, torch.float64: 1e5}
+
+# Relative slack around the band within which a singular value counts as in band. The Gram route resolves a
+# singular value to a few 1e-6 in float32, so a value bounded a moment ago can read as 1.5000020; rewriting
+# it would only add rounding noise (and a weight already in band must stay bit for bit unchanged).
+_BAND_SLACK = {torch.float32: 2e-5, torch.float64: 1e-10}
+
+
+def check_epsilon(value: float, name: str) -> float:
+    """Return ``value`` as a float if it is a finite number > 0, else raise a ``ValueError`` naming it."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return value
+
+
+def band(epsilon: float) -> tuple[float, float]:
+    """The SVB band ``[1/(1+epsilon), 1+epsilon]`` for singular values (or BBN ratios)."""
+    factor = 1.0 + check_epsilon(epsilon, "epsilon")
+    return 1.0 / factor, factor
+
+
+def weight_matrices(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """View a conv or linear weight as ``groups`` matrices of shape ``(out/groups, in/groups * prod(k))``.
+
+    A linear weight ``out x in`` is one matrix; a conv weight ``out x in/groups x k...`` (Conv1d/2d/3d) is
+    one per group, which is the same as the block-diagonal matrix of the whole layer.
+    """
+    if weight.dim() < 2:
+        raise ValueError(f"expected a conv or linear weight with >= 2 dims, got shape {tuple(weight.shape)}")
+    out_channels = weight.shape[0]
+    if groups < 1 or out_channels % groups:
+        raise ValueError(f"out channels {out_channels} are not divisible by groups={groups}")
+    return weight.reshape(groups, out_channels // groups, -1)
+
+
+def matrices_to_weight(matrices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`weight_matrices`: reshape ``(groups, m, n)`` back to ``like``'s shape and dtype."""
+    return matrices.reshape(like.shape).to(dtype=like.dtype)
+
+
+@dataclass
+class BoundResult:
+    """What :func:`clip_singular_values` did to a stack of ``B`` matrices.
+
+    Attributes:
+        matrices: the bounded matrices, same shape as the input, in the compute dtype.
+        sv_min: ``(B,)`` smallest singular value of each input matrix.
+        sv_max: ``(B,)`` largest singular value of each input matrix.
+        num_clipped: ``(B,)`` number of singular values outside the band.
+        fallback: ``(B,)`` True where the float64 SVD fallback was used.
+    """
+
+    matrices: torch.Tensor
+    sv_min: torch.Tensor
+    sv_max: torch.Tensor
+    num_clipped: torch.Tensor
+    fallback: torch.Tensor
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _gram_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (ascending) and left singular vectors of ``a`` (``..., m, n`` with ``m <= n``)."""
+    eigvals, eigvecs = torch.linalg.eigh(a @ a.mT)
+    return eigvals.clamp_min(0).sqrt(), eigvecs
+
+
+def _svd_clip(a: torch.Tensor, lo: float, hi: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference route: float64 SVD, clip, rebuild. Returns (bounded float64 matrices, singular values)."""
+    u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
+    return (u * s.clamp(lo, hi).unsqueeze(-2)) @ vh, s
+
+
+def clip_singular_values(matrices: torch.Tensor, epsilon: float) -> BoundResult:
+    """Clip every singular value of each matrix in a ``(B, m, n)`` stack to ``[1/(1+eps), 1+eps]``.
+
+    Singular vectors are kept. Computed in float32 (float64 for float64 input) through the Gram matrix of the
+    smaller side; matrices whose condition number is too large for that route are redone with a float64
+    SVD, so singular values from 1e-5 to 10 come out as a float64 SVD gives them. Matrices with nothing to
+    clip are returned bit for bit unchanged. The input must be finite (the caller checks, so that it can
+    name the layer).
+    """
+    lo, hi = band(epsilon)
+    if matrices.dim() != 3:
+        raise ValueError(f"expected a (B, m, n) stack of matrices, got shape {tuple(matrices.shape)}")
+    compute_dtype = _compute_dtype(matrices.dtype)
+    a = matrices.to(compute_dtype)
+    transposed = a.shape[-2] > a.shape[-1]
+    if transposed:
+        a = a.mT
+    s, u = _gram_eigh(a)  # s ascending, (B, p); u (B, p, p)
+    # Decide the fallback on the Gram's own estimate: noise in a tiny eigenvalue can only make the
+    # condition number look larger, so an ill-conditioned matrix is never taken for a well-conditioned one.
+    cond_limit = _GRAM_COND_LIMIT[compute_dtype]
+    fallback = s[:, -1] > cond_limit * s[:, 0]
+    slack = _BAND_SLACK[compute_dtype]
+    outside = (s < lo * (1 - slack)) | (s > hi * (1 + slack))
+    # s = 0 only occurs with the fallback, which ignores factor.
+    factor = s.clamp(lo, hi) / s.clamp_min(torch.finfo(compute_dtype).tiny)
+    clipped = outside & ~fallback.unsqueeze(-1)
+    out = a.clone()
+    todo = clipped.any(-1).nonzero().flatten()
+    if todo.numel():
+        out[todo] = _rebuild(a[todo], u[todo], factor[todo], clipped[todo])
+    sv_min, sv_max = s[:, 0].clone(), s[:, -1].clone()
+    num_clipped = clipped.sum(-1)
+    if fallback.any():
+        idx = fallback.nonzero().flatten()
+        exact, s64 = _svd_clip(a[idx], lo, hi)
+        n64 = ((s64 < lo * (1 - slack)) | (s64 > hi * (1 + slack))).sum(-1)
+        changed = idx[n64 > 0]
+        out[changed] = exact[n64 > 0].to(compute_dtype)
+        sv_min[idx], sv_max[idx] = s64[:, -1].to(s.dtype), s64[:, 0].to(s.dtype)
+        num_clipped[idx] = n64
+    if transposed:
+        out = out.mT
+    return BoundResult(out, sv_min, sv_max, num_clipped, fallback)
+
+
+def _rebuild(a: torch.Tensor, u: torch.Tensor, factor: torch.Tensor, clipped: torch.Tensor) -> torch.Tensor:
+    """``A + U_c diag(factor_c - 1) U_c^T A`` over the clipped directions only.
+
+    eigh sorts ascending, so the clipped directions are a prefix (too small) and a suffix (too large) of
+    ``u``'s columns; taking the widest prefix and suffix over the stack keeps it one batched product, with
+    ``factor - 1 = 0`` for columns that are in band in a given matrix.
+    """
+    p = u.shape[-1]
+    n_low = int(clipped.int().cumprod(-1).sum(-1).max())
+    n_high = int(clipped.flip(-1).int().cumprod(-1).sum(-1).max())
+    if n_low + n_high >= p // 2:
+        # Many directions: one p x p operator beats two thin products.
+        op = (u * (factor - 1).unsqueeze(-2)) @ u.mT
+        return a + op @ a
+    cols = torch.cat([torch.arange(n_low), torch.arange(p - n_high, p)]).to(u.device)
+    u_c = u[..., cols]
+    scale = (factor[..., cols] - 1).unsqueeze(-1)
+    return a + u_c @ (scale * (u_c.mT @ a))
+
+
+def singular_values(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Singular values of a conv/linear weight, per group: ``(groups, min(m, n))``, descending.
+
+    Uses the Gram route in float64 (relative error below ~1e-6 for condition numbers up to 1e5) and a float64
+    SVD for matrices beyond that.
+    """
+    a = weight_matrices(weight.detach(), groups).double()
+    if a.shape[-2] > a.shape[-1]:
+        a = a.mT
+    s, _ = _gram_eigh(a)
+    bad = s[:, -1] > _GRAM_COND_LIMIT[torch.float64] * s[:, 0]
+    s = s.flip(-1)
+    if bad.any():
+        s[bad] = torch.linalg.svdvals(a[bad])
+    return s
+
+
+def bbn_ratio(
+    gamma: torch.Tensor, running_var: torch.Tensor | None, eps: float, mode: str = "sigma"
+) -> torch.Tensor:
+    """The ratios BBN bounds, in float32 (float64 for float64 input).
+
+    ``mode="sigma"`` (Algorithm 2): ``gamma / (sigma * alpha)`` with ``sigma = sqrt(running_var + eps)``
+    and ``alpha = mean(gamma / sigma)``. ``mode="rel"`` (the reference code's default):
+    ``gamma / mean(gamma)``.
+    """
+    return _bbn_terms(gamma, running_var, eps, mode)[1]
+
+
+def _bbn_terms(
+    gamma: torch.Tensor, running_var: torch.Tensor | None, eps: float, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, ratio)`` with ``gamma = scale * ratio``: ``scale = sigma * alpha`` (or ``mean(gamma)``)."""
+    g = gamma.detach().to(_compute_dtype(gamma.dtype))
+    if mode == "sigma":
+        if running_var is None:
+            raise ValueError("BBN mode 'sigma' needs the running variance (track_running_stats=True)")
+        sigma = (running_var.detach().to(g.dtype) + eps).sqrt()
+    elif mode == "rel":
+        sigma = torch.ones_like(g)
+    else:
+        raise ValueError(f"bbn_mode must be 'sigma' or 'rel', got {mode!r}")
+    scale = sigma * (g / sigma).mean()
+    return scale, g / scale
+
+
+def bbn_gamma(
+    gamma: torch.Tensor,
+    running_var: torch.Tensor | None,
+    eps: float,
+    bbn_epsilon: float,
+    mode: str = "sigma",
+) -> torch.Tensor:
+    """Bounded Batch Normalization (Algorithm 2): the bounded BN scale, a new tensor like ``gamma``.
+
+    Where the ratio of :func:`bbn_ratio` exceeds ``1 + bbn_epsilon``, ``gamma = sigma * alpha *
+    (1 + bbn_epsilon)``; where it is below ``1 / (1 + bbn_epsilon)``, ``gamma = sigma * alpha /
+    (1 + bbn_epsilon)`` (in "rel" mode ``sigma * alpha`` is ``mean(gamma)``). No absolute values are taken,
+    as in the paper. Gammas in band are returned unchanged; beta and the running statistics are not inputs.
+    """
+    lo, hi = band(bbn_epsilon)
+    scale, ratio = _bbn_terms(gamma, running_var, eps, mode)
+    bounded = torch.where(ratio > hi, scale * hi, torch.where(ratio < lo, scale * lo, scale.new_zeros(())))
+    return torch.where((ratio > hi) | (ratio < lo), bounded.to(gamma.dtype), gamma.detach()).clone()
+
+
+_CONV_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@torch.no_grad()
+def orthogonal_init_(module: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Orthogonal initialisation (Algorithm 1, line 1), in place; returns ``module``.
+
+    Every Conv1d/2d/3d and Linear weight gets all singular values 1 per group (a random semi-orthogonal
+    ``(out/groups) x (in/groups * prod(k))`` matrix); every BatchNorm gets weight 1 and bias 0. Biases of
+    conv and linear layers are left as they are.
+    """
+    for m in module.modules():
+        if isinstance(m, _CONV_LINEAR):
+            groups = getattr(m, "groups", 1)
+            mats = weight_matrices(m.weight, groups)
+            for g in range(groups):
+                mats[g].copy_(_random_semi_orthogonal(*mats.shape[1:], generator=generator))
+            m.weight.copy_(mats.reshape(m.weight.shape))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
+
+
+def _random_semi_orthogonal(rows: int, cols: int, generator: torch.Generator | None) -> torch.Tensor:
+    """A ``rows x cols`` matrix with orthonormal rows or columns, Haar-distributed (QR with sign fix)."""
+    flat = torch.randn(max(rows, cols), min(rows, cols), generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(flat)
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return (q if rows >= cols else q.T).float()

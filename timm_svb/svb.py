@@ -1,0 +1,425 @@
+"""The SVB/BBN plugin: bound a model now (:meth:`SVB.apply`) or after optimizer steps (:meth:`SVB.attach`)."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
+
+from .functional import bbn_gamma, bbn_ratio, check_epsilon, clip_singular_values, weight_matrices
+
+__all__ = ["SVB", "LayerStats", "SVBStats", "NonFiniteWeightError", "DEFAULT_LAYER_TYPES"]
+
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+# Columns of the per-layer statistics table that ranks sum-reduce: every rank fills only its own rows.
+_MIN, _MAX, _CLIPPED, _NONFINITE, _FALLBACK = range(5)
+
+
+class NonFiniteWeightError(ValueError):
+    """A weight (or a BN layer's gamma / running variance) holds NaN or Inf; nothing was written back."""
+
+
+@dataclass
+class LayerStats:
+    """What :meth:`SVB.apply` saw and did in one layer.
+
+    For a conv/linear layer ``sv_min``/``sv_max`` are its extreme singular values before bounding (over all
+    groups) and ``clipped`` counts the singular values moved into the band. For a BN layer they are the
+    extremes of the ratio ``gamma / (sigma * alpha)`` (``gamma / mean(gamma)`` in "rel" mode) and ``clipped``
+    counts the gammas changed.
+    """
+
+    kind: str
+    sv_min: float
+    sv_max: float
+    clipped: int
+    fallback: bool = False
+    skipped: bool = False
+
+
+@dataclass
+class SVBStats:
+    """Summary of one :meth:`SVB.apply`; ``per_layer`` is filled when asked for."""
+
+    layers: int
+    clipped: int
+    sv_min: float
+    sv_max: float
+    bn_layers: int = 0
+    bn_clipped: int = 0
+    skipped: list[str] = field(default_factory=list)
+    per_layer: dict[str, LayerStats] | None = None
+
+    def to_dict(self) -> dict[str, float]:
+        """Flat scalars for a logger / tracker."""
+        return {
+            "svb/layers": self.layers,
+            "svb/clipped": self.clipped,
+            "svb/sv_min": self.sv_min,
+            "svb/sv_max": self.sv_max,
+            "bbn/layers": self.bn_layers,
+            "bbn/clipped": self.bn_clipped,
+            "svb/skipped": len(self.skipped),
+        }
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Module
+    kind: str  # "weight" or "bn"
+    cost: float
+
+
+class SVB:
+    """Singular Value Bounding (and optionally Bounded Batch Normalization) for any torch model.
+
+    ``SVB(model).apply()`` clips every singular value of every conv/linear weight matrix (per group) to
+    ``[1/(1+epsilon), 1+epsilon]`` and, when ``bbn_epsilon`` is given, bounds every BatchNorm scale by
+    Algorithm 2. ``attach(optimizer)`` does it after every ``every_n_steps`` real optimizer steps.
+
+    Args:
+        model: the model whose layers are bounded (a DDP wrapper is fine).
+        epsilon: SVB band half-width; the paper uses 0.5 (the reference code's factor 1.5).
+        bbn_epsilon: BBN band; ``None`` leaves BatchNorm alone. The paper uses 1.0 (0.2 in Table 3).
+        every_n_steps: apply after every this many real optimizer steps; defaults to ``steps_per_epoch``.
+        steps_per_epoch: optimizer steps in one epoch; needed by the two epoch rules below.
+        skip_last_steps: do not apply in the last this many steps of an epoch (the reference code: 100).
+        num_epochs: length of training in epochs; with ``skip_final_epoch``, no SVB in the final one.
+        skip_final_epoch: do not apply during the final epoch (the reference code does this).
+        include: glob patterns of module names to bound (``None``: all).
+        exclude: glob patterns of module names to leave alone, e.g. ``("fc", "head.*")``.
+        layer_types: module types whose ``weight`` is bounded.
+        bbn_mode: ``"sigma"`` (Algorithm 2) or ``"rel"`` (the reference code's simpler mode).
+        on_nonfinite: ``"raise"`` (a weight with NaN/Inf raises and nothing is written) or ``"warn"``
+            (that layer is skipped with a warning, the others are bounded).
+        process_group: ``torch.distributed`` group to shard the work over (default: the world, when
+            initialised). Each rank bounds its share, then the changed layers are broadcast, so every rank
+            ends with bitwise identical weights.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        epsilon: float = 0.5,
+        bbn_epsilon: float | None = None,
+        every_n_steps: int | None = None,
+        *,
+        steps_per_epoch: int | None = None,
+        skip_last_steps: int = 0,
+        num_epochs: int | None = None,
+        skip_final_epoch: bool = False,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        layer_types: tuple[type[nn.Module], ...] = DEFAULT_LAYER_TYPES,
+        bbn_mode: str = "sigma",
+        on_nonfinite: str = "raise",
+        process_group: Any = None,
+    ) -> None:
+        self.epsilon = check_epsilon(epsilon, "epsilon")
+        self.bbn_epsilon = None if bbn_epsilon is None else check_epsilon(bbn_epsilon, "bbn_epsilon")
+        self.steps_per_epoch = _check_count(steps_per_epoch, "steps_per_epoch", allow_none=True)
+        if every_n_steps is None:
+            every_n_steps = self.steps_per_epoch
+        self.every_n_steps = _check_count(every_n_steps, "every_n_steps", allow_none=True)
+        self.skip_last_steps = _check_count(skip_last_steps, "skip_last_steps", minimum=0)
+        self.num_epochs = _check_count(num_epochs, "num_epochs", allow_none=True)
+        self.skip_final_epoch = bool(skip_final_epoch)
+        if self.skip_last_steps and self.steps_per_epoch is None:
+            raise ValueError("skip_last_steps needs steps_per_epoch")
+        if self.skip_final_epoch and (self.steps_per_epoch is None or self.num_epochs is None):
+            raise ValueError("skip_final_epoch needs steps_per_epoch and num_epochs")
+        if bbn_mode not in ("sigma", "rel"):
+            raise ValueError(f"bbn_mode must be 'sigma' or 'rel', got {bbn_mode!r}")
+        if on_nonfinite not in ("raise", "warn"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'warn', got {on_nonfinite!r}")
+        self.bbn_mode = bbn_mode
+        self.on_nonfinite = on_nonfinite
+        self.process_group = process_group
+        self.model = model
+        self.layers = _select_layers(model, include, exclude, layer_types, self.bbn_epsilon is not None)
+        self.step = 0  # real optimizer steps seen by the hook
+        self.num_applied = 0  # times the hook applied SVB
+
+    @classmethod
+    def from_model(cls, model: nn.Module, **overrides: Any) -> SVB:
+        """Build the plugin from ``model.svb_config`` (set by the ``*_svb`` models), with overrides."""
+        config = getattr(getattr(model, "module", model), "svb_config", None)
+        if config is None:
+            raise ValueError(
+                f"{type(model).__name__} has no svb_config (only the timm_svb '*_svb' models carry one); "
+                "build the plugin directly: SVB(model, epsilon=..., bbn_epsilon=...)"
+            )
+        return cls(model, **{**config, **overrides})
+
+    # ------------------------------------------------------------------ schedule
+
+    def should_apply(self, step: int) -> bool:
+        """Whether the schedule bounds after real optimizer step number ``step`` (1-based)."""
+        if self.every_n_steps is None or step % self.every_n_steps:
+            return False
+        if self.steps_per_epoch is not None:
+            epoch, position = divmod(step - 1, self.steps_per_epoch)
+            if position >= self.steps_per_epoch - self.skip_last_steps:
+                return False
+            if self.skip_final_epoch and epoch >= self.num_epochs - 1:
+                return False
+        return True
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Bound after every ``every_n_steps`` real steps of ``optimizer``; returns a removable handle.
+
+        The hook sits on the innermost torch optimizer, so an Accelerate ``AcceleratedOptimizer`` step that
+        only accumulates gradients, or a ``GradScaler`` step skipped for inf/NaN gradients, is not counted.
+        """
+        if self.every_n_steps is None:
+            raise ValueError("attach() needs every_n_steps (or steps_per_epoch for once an epoch)")
+        inner = optimizer
+        while not _has_step_hooks(inner) and isinstance(
+            getattr(inner, "optimizer", None), torch.optim.Optimizer
+        ):
+            inner = inner.optimizer
+        if not _has_step_hooks(inner):
+            raise TypeError(f"{type(optimizer).__name__} is not a torch.optim.Optimizer with step hooks")
+        return inner.register_step_post_hook(self._after_step)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.step += 1
+        if self.should_apply(self.step):
+            self.apply()
+            self.num_applied += 1
+
+    def state_dict(self) -> dict[str, int]:
+        """The schedule's position, for checkpoints (``accelerator.register_for_checkpointing(svb)``)."""
+        return {"step": self.step, "num_applied": self.num_applied}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.step = int(state_dict["step"])
+        self.num_applied = int(state_dict["num_applied"])
+
+    # ------------------------------------------------------------------ bounding
+
+    @torch.no_grad()
+    def apply(self, per_layer: bool = False) -> SVBStats:
+        """Bound every selected layer now and return what was seen and done."""
+        rank, world = _rank_and_world(self.process_group)
+        owners = _assign_owners(self.layers, world)
+        mine = [i for i, owner in enumerate(owners) if owner == rank]
+        table = torch.zeros(len(self.layers), 5, dtype=torch.float64)
+        results = self._bound_weights([i for i in mine if self.layers[i].kind == "weight"], table)
+        results.update(self._bound_bn([i for i in mine if self.layers[i].kind == "bn"], table))
+        if world > 1:
+            device = self.layers[0].module.weight.device
+            if dist.get_backend(self.process_group) == "gloo":
+                device = torch.device("cpu")
+            reduced = table.to(device)
+            dist.all_reduce(reduced, group=self.process_group)
+            table = reduced.cpu()
+        bad = [self.layers[i].name for i in range(len(self.layers)) if table[i, _NONFINITE] > 0]
+        if bad and self.on_nonfinite == "raise":
+            raise NonFiniteWeightError(
+                f"NaN/Inf in layer(s) {', '.join(bad)}: nothing was written back. Lower the learning rate or "
+                "check the data; SVB(..., on_nonfinite='warn') skips such layers instead."
+            )
+        if bad:
+            warnings.warn(
+                f"SVB skipped layer(s) with NaN/Inf: {', '.join(bad)}", RuntimeWarning, stacklevel=2
+            )
+        changed = [i for i in range(len(self.layers)) if table[i, _CLIPPED] > 0 and table[i, _NONFINITE] == 0]
+        for i in changed:
+            if i in results:
+                self.layers[i].module.weight.copy_(results[i])
+        if world > 1:
+            _broadcast_layers(
+                [self.layers[i] for i in changed], [owners[i] for i in changed], self.process_group
+            )
+        return self._stats(table, bad, per_layer)
+
+    def _bound_weights(self, indices: list[int], table: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Bound the conv/linear layers ``indices``, batching layers whose matrices have one shape."""
+        by_shape: dict[tuple, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        for i in indices:
+            weight = self.layers[i].module.weight
+            if not torch.isfinite(weight).all():
+                table[i, _NONFINITE] = 1
+                continue
+            mats = weight_matrices(weight, getattr(self.layers[i].module, "groups", 1))
+            by_shape[(tuple(mats.shape[1:]), weight.dtype, weight.device)].append((i, mats))
+        results = {}
+        for group in by_shape.values():
+            result = clip_singular_values(torch.cat([mats for _, mats in group]), self.epsilon)
+            start = 0
+            for i, mats in group:
+                rows = slice(start, start + mats.shape[0])
+                start += mats.shape[0]
+                table[i, _MIN] = result.sv_min[rows].min().item()
+                table[i, _MAX] = result.sv_max[rows].max().item()
+                table[i, _FALLBACK] = result.fallback[rows].any().item()
+                clipped = int(result.num_clipped[rows].sum())
+                if not clipped:
+                    continue
+                new = result.matrices[rows]
+                if not torch.isfinite(new).all():
+                    table[i, _NONFINITE] = 1
+                    continue
+                table[i, _CLIPPED] = clipped
+                weight = self.layers[i].module.weight
+                results[i] = new.reshape(weight.shape).to(weight.dtype)
+        return results
+
+    def _bound_bn(self, indices: list[int], table: torch.Tensor) -> dict[int, torch.Tensor]:
+        results = {}
+        for i in indices:
+            bn = self.layers[i].module
+            var = bn.running_var if self.bbn_mode == "sigma" else None
+            if not torch.isfinite(bn.weight).all() or (var is not None and not torch.isfinite(var).all()):
+                table[i, _NONFINITE] = 1
+                continue
+            ratio = bbn_ratio(bn.weight, var, bn.eps, self.bbn_mode)
+            table[i, _MIN], table[i, _MAX] = ratio.min().item(), ratio.max().item()
+            new = bbn_gamma(bn.weight, var, bn.eps, self.bbn_epsilon, self.bbn_mode)
+            changed = int((new != bn.weight).sum())
+            if changed and torch.isfinite(new).all():
+                table[i, _CLIPPED] = changed
+                results[i] = new
+            elif changed:
+                table[i, _NONFINITE] = 1
+        return results
+
+    def _stats(self, table: torch.Tensor, skipped: list[str], per_layer: bool) -> SVBStats:
+        weights = [
+            i for i, layer in enumerate(self.layers) if layer.kind == "weight" and table[i, _NONFINITE] == 0
+        ]
+        bns = [i for i, layer in enumerate(self.layers) if layer.kind == "bn" and table[i, _NONFINITE] == 0]
+        stats = SVBStats(
+            layers=len(weights),
+            clipped=int(table[weights, _CLIPPED].sum()),
+            sv_min=float(table[weights, _MIN].min()) if weights else math.nan,
+            sv_max=float(table[weights, _MAX].max()) if weights else math.nan,
+            bn_layers=len(bns),
+            bn_clipped=int(table[bns, _CLIPPED].sum()),
+            skipped=skipped,
+        )
+        if per_layer:
+            stats.per_layer = {
+                layer.name: LayerStats(
+                    kind=layer.kind,
+                    sv_min=float(row[_MIN]),
+                    sv_max=float(row[_MAX]),
+                    clipped=int(row[_CLIPPED]),
+                    fallback=bool(row[_FALLBACK]),
+                    skipped=bool(row[_NONFINITE]),
+                )
+                for layer, row in zip(self.layers, table, strict=True)
+            }
+        return stats
+
+    def __repr__(self) -> str:
+        n_bn = sum(layer.kind == "bn" for layer in self.layers)
+        return (
+            f"SVB(epsilon={self.epsilon}, bbn_epsilon={self.bbn_epsilon}, "
+            f"every_n_steps={self.every_n_steps}, layers={len(self.layers) - n_bn}, bn_layers={n_bn}, "
+            f"step={self.step})"
+        )
+
+
+def _check_count(value: int | None, name: str, minimum: int = 1, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _has_step_hooks(optimizer: Any) -> bool:
+    return isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "_optimizer_step_post_hooks")
+
+
+def _select_layers(
+    model: nn.Module,
+    include: Sequence[str] | None,
+    exclude: Sequence[str],
+    layer_types: tuple[type[nn.Module], ...],
+    with_bn: bool,
+) -> list[_Layer]:
+    if isinstance(include, str) or isinstance(exclude, str):
+        raise TypeError("include/exclude take a sequence of glob patterns, e.g. exclude=('fc',)")
+    layers, seen = [], set()
+    for name, module in model.named_modules():
+        if include is not None and not any(fnmatch.fnmatch(name, p) for p in include):
+            continue
+        if any(fnmatch.fnmatch(name, p) for p in exclude):
+            continue
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or id(weight) in seen:
+            continue
+        if isinstance(module, layer_types) and weight.dim() >= 2:
+            if parametrize.is_parametrized(module, "weight"):
+                raise ValueError(
+                    f"layer {name!r} has a parametrized weight; exclude it or remove the parametrization"
+                )
+            mats_shape = weight_matrices(weight.detach(), getattr(module, "groups", 1)).shape
+            g, m, n = mats_shape
+            kind, cost = "weight", g * min(m, n) ** 2 * (max(m, n) + min(m, n))
+        elif with_bn and isinstance(module, _BatchNorm) and module.affine:
+            kind, cost = "bn", float(weight.numel())
+        else:
+            continue
+        seen.add(id(weight))
+        layers.append(_Layer(name, module, kind, float(cost)))
+    if not layers:
+        types = ", ".join(t.__name__ for t in layer_types) + (", BatchNorm" if with_bn else "")
+        raise ValueError(
+            f"{type(model).__name__} has no layer to bound (looked for {types}"
+            f"{'' if include is None else f' matching include={list(include)}'}"
+            f"{'' if not exclude else f', not matching exclude={list(exclude)}'})"
+        )
+    return layers
+
+
+def _rank_and_world(group: Any) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _assign_owners(layers: list[_Layer], world: int) -> list[int]:
+    """Longest-processing-time-first assignment of layers to ranks; the same on every rank."""
+    if world == 1:
+        return [0] * len(layers)
+    load = [0.0] * world
+    owners = [0] * len(layers)
+    for i in sorted(range(len(layers)), key=lambda i: (-layers[i].cost, i)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = rank
+        load[rank] += layers[i].cost
+    return owners
+
+
+def _broadcast_layers(layers: list[_Layer], owners: list[int], group: Any) -> None:
+    """Send each changed layer from the rank that bounded it to all others; one buffer per owner and dtype."""
+    buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for layer, owner in zip(layers, owners, strict=True):
+        tensor = layer.module.weight
+        buckets[(owner, tensor.dtype, tensor.device)].append(tensor)
+    for (owner, _, _), tensors in sorted(buckets.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.broadcast(
+            flat, src=dist.get_global_rank(group, owner) if group is not None else owner, group=group
+        )
+        start = 0
+        for t in tensors:
+            t.copy_(flat[start : start + t.numel()].view_as(t))
+            start += t.numel()
