@@ -227,3 +227,17 @@ def test_orthogonal_init_is_seeded():
     orthogonal_init_(a, generator=torch.Generator().manual_seed(7))
     orthogonal_init_(b, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a.weight, b.weight)
+
+
+def test_clip_ignores_tf32_and_autocast_settings():
+    rng = np.random.default_rng(8)
+    mat = with_spectrum(32, 96, 0.2, 4.0, rng).astype(np.float32)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            result = clip_singular_values(torch.from_numpy(mat)[None], 0.5)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert result.matrices.dtype == torch.float32
+    assert rel_err(result.matrices[0].double().numpy(), reference_bound(mat, 0.5)) <= 1e-4

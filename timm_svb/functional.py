@@ -14,6 +14,8 @@ matrix whose condition number is beyond what the working dtype resolves falls ba
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -85,7 +87,7 @@ class BoundResult:
     """What :func:`clip_singular_values` did to a stack of ``B`` matrices.
 
     Attributes:
-        matrices: the bounded matrices, same shape as the input, in the compute dtype.
+        matrices: the bounded matrices, same shape as the input, in the compute dtype (float32 or float64).
         sv_min: ``(B,)`` smallest singular value of each input matrix.
         sv_max: ``(B,)`` largest singular value of each input matrix.
         num_clipped: ``(B,)`` number of singular values outside the band.
@@ -101,6 +103,21 @@ class BoundResult:
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@contextmanager
+def _full_precision() -> Iterator[None]:
+    """Plain float32 matmuls: no TF32 (``set_float32_matmul_precision``) and no autocast to 16 bits.
+
+    The Gram route squares singular values, so it needs every bit a training loop may have traded for speed.
+    """
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def _gram_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,20 +145,26 @@ def clip_singular_values(matrices: torch.Tensor, epsilon: float) -> BoundResult:
     Singular vectors are kept. Computed in float32 (float64 for float64 input) through the Gram matrix of the
     smaller side; matrices whose condition number is too large for that route are redone with a float64
     SVD, so singular values from 1e-5 to 10 come out as a float64 SVD gives them. Matrices with nothing to
-    clip are returned bit for bit unchanged. The input must be finite (the caller checks, so that it can
+    clip are returned bit for bit unchanged (when none has, ``matrices`` may be the input tensor itself).
+    The input must be finite (the caller checks, so that it can
     name the layer).
     """
-    lo, hi = band(epsilon)
     if matrices.dim() != 3:
         raise ValueError(f"expected a (B, m, n) stack of matrices, got shape {tuple(matrices.shape)}")
+    with _full_precision():
+        return _clip_singular_values(matrices, *band(epsilon))
+
+
+def _clip_singular_values(matrices: torch.Tensor, lo: float, hi: float) -> BoundResult:
     compute_dtype = _compute_dtype(matrices.dtype)
     a = matrices.to(compute_dtype)
     transposed = a.shape[-2] > a.shape[-1]
     if transposed:
         a = a.mT
     s, u = _gram_eigh(a)  # s ascending, (B, p); u (B, p, p)
-    # Decide the fallback on the Gram's own estimate: noise in a tiny eigenvalue can only make the
-    # condition number look larger, so an ill-conditioned matrix is never taken for a well-conditioned one.
+    # Decide the fallback on the Gram's own estimate: its eigenvalues carry absolute errors of about
+    # eps * s_max^2, which blur s_min only for condition numbers near 1/sqrt(eps) (~3000 in float32), far
+    # beyond the limit, so an ill-conditioned matrix is never taken for a well-conditioned one.
     cond_limit = _GRAM_COND_LIMIT[compute_dtype]
     fallback = s[:, -1] > cond_limit * s[:, 0]
     slack = _BAND_SLACK[compute_dtype]
@@ -149,7 +172,7 @@ def clip_singular_values(matrices: torch.Tensor, epsilon: float) -> BoundResult:
     # s = 0 only occurs with the fallback, which ignores factor.
     factor = s.clamp(lo, hi) / s.clamp_min(torch.finfo(compute_dtype).tiny)
     clipped = outside & ~fallback.unsqueeze(-1)
-    out = a.clone()
+    out = a.clone() if clipped.any() or fallback.any() else a
     todo = clipped.any(-1).nonzero().flatten()
     if todo.numel():
         out[todo] = _rebuild(a[todo], u[todo], factor[todo], clipped[todo])
@@ -197,11 +220,12 @@ def singular_values(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
     a = weight_matrices(weight.detach(), groups).double()
     if a.shape[-2] > a.shape[-1]:
         a = a.mT
-    s, _ = _gram_eigh(a)
-    bad = s[:, -1] > _GRAM_COND_LIMIT[torch.float64] * s[:, 0]
-    s = s.flip(-1)
-    if bad.any():
-        s[bad] = torch.linalg.svdvals(a[bad])
+    with _full_precision():
+        s, _ = _gram_eigh(a)
+        bad = s[:, -1] > _GRAM_COND_LIMIT[torch.float64] * s[:, 0]
+        s = s.flip(-1)
+        if bad.any():
+            s[bad] = torch.linalg.svdvals(a[bad])
     return s
 
 
