@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# GPU check for a lent GPU machine (under 5 minutes): prints a table of SVB.apply() on WRN-28-10 against
+# per-layer torch.linalg.svd and against one bf16 training step at batch 128, and images/s of a training
+# loop with and without SVB (see benchmarks/gpu_check.py for what each row measures).
+#
+#   bash benchmarks/gpu_check.sh                      # on the GPU machine, from anywhere
+#   bash benchmarks/gpu_check.sh --device cpu --small # smoke test on a CPU (figures mean nothing)
+#
+# Extra arguments go to benchmarks/gpu_check.py (--help lists them). PYTHON picks the interpreter and
+# GPU_CHECK_TIMEOUT the time limit in seconds (default 290).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON="${PYTHON:-$(command -v python || command -v python3 || echo python)}"
+TIMEOUT="${GPU_CHECK_TIMEOUT:-290}"
+
+echo "== gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), repository $(pwd), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+
+if ! "$PYTHON" -c "import timm_svb" >/dev/null 2>&1; then
+    echo "== timm_svb is not importable: pip install -e ."
+    if ! "$PYTHON" -m pip install -q -e .; then
+        # no network on the machine: install without resolving dependencies, else run from the tree
+        echo "== pip install -e . failed; retrying without dependencies"
+        "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . \
+            || { echo "== install failed; using PYTHONPATH=$(pwd)"; export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"; }
+    fi
+    "$PYTHON" -c "import timm_svb" || { echo "== error: timm_svb still cannot be imported" >&2; exit 1; }
+fi
+
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+else
+    echo "== nvidia-smi not found"
+fi
+"$PYTHON" -c "import torch; print('== torch', torch.__version__, '| CUDA available:', torch.cuda.is_available(), '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+
+status=0
+timeout --signal=INT --kill-after=10 "$TIMEOUT" "$PYTHON" benchmarks/gpu_check.py "$@" || status=$?
+if [ "$status" -eq 124 ] || [ "$status" -eq 130 ]; then
+    echo "== error: gpu_check.py ran past ${TIMEOUT}s and was stopped" >&2
+elif [ "$status" -ne 0 ]; then
+    echo "== error: gpu_check.py failed with status $status" >&2
+fi
+exit "$status"
