@@ -5,6 +5,7 @@ Importing this package registers the SVB/BBN model zoo with timm (``timm.create_
 
 from . import models  # noqa: F401  (registers the timm models)
 from .functional import bbn_gamma, bbn_ratio, clip_singular_values, orthogonal_init_, singular_values
+from .spectrum import model_spectrum, plot_spectra
 from .svb import SVB, LayerStats, NonFiniteWeightError, SVBStats
 
 __version__ = "0.1.0"
@@ -17,6 +18,8 @@ __all__ = [
     "bbn_gamma",
     "bbn_ratio",
     "clip_singular_values",
+    "model_spectrum",
     "orthogonal_init_",
+    "plot_spectra",
     "singular_values",
 ]

@@ -30,6 +30,7 @@ __all__ = [
     "clip_singular_values",
     "matrices_to_weight",
     "orthogonal_init_",
+    "outside_band",
     "singular_values",
     "weight_matrices",
 ]
@@ -43,7 +44,7 @@ _GRAM_COND_LIMIT = {torch.float32: 30.0, torch.float64: 1e5}
 # Relative slack around the band within which a singular value counts as in band. The Gram route resolves a
 # singular value to a few 1e-6 in float32, so a value bounded a moment ago can read as 1.5000020; rewriting
 # it would only add rounding noise (and a weight already in band must stay bit for bit unchanged).
-_BAND_SLACK = {torch.float32: 2e-5, torch.float64: 1e-10}
+BAND_SLACK = {torch.float32: 2e-5, torch.float64: 1e-10}
 
 
 def check_epsilon(value: float, name: str) -> float:
@@ -61,6 +62,17 @@ def band(epsilon: float) -> tuple[float, float]:
     """The SVB band ``[1/(1+epsilon), 1+epsilon]`` for singular values (or BBN ratios)."""
     factor = 1.0 + check_epsilon(epsilon, "epsilon")
     return 1.0 / factor, factor
+
+
+def outside_band(
+    values: torch.Tensor, epsilon: float, slack: float = BAND_SLACK[torch.float32]
+) -> torch.Tensor:
+    """Mask of the singular values outside ``[1/(1+epsilon), 1+epsilon]``, with a relative ``slack``.
+
+    The default slack is what float32 weights that SVB bounded to a band edge read back as.
+    """
+    lo, hi = band(epsilon)
+    return (values < lo * (1 - slack)) | (values > hi * (1 + slack))
 
 
 def weight_matrices(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -152,10 +164,11 @@ def clip_singular_values(matrices: torch.Tensor, epsilon: float) -> BoundResult:
     if matrices.dim() != 3:
         raise ValueError(f"expected a (B, m, n) stack of matrices, got shape {tuple(matrices.shape)}")
     with _full_precision():
-        return _clip_singular_values(matrices, *band(epsilon))
+        return _clip_singular_values(matrices, epsilon)
 
 
-def _clip_singular_values(matrices: torch.Tensor, lo: float, hi: float) -> BoundResult:
+def _clip_singular_values(matrices: torch.Tensor, epsilon: float) -> BoundResult:
+    lo, hi = band(epsilon)
     compute_dtype = _compute_dtype(matrices.dtype)
     a = matrices.to(compute_dtype)
     transposed = a.shape[-2] > a.shape[-1]
@@ -167,8 +180,8 @@ def _clip_singular_values(matrices: torch.Tensor, lo: float, hi: float) -> Bound
     # beyond the limit, so an ill-conditioned matrix is never taken for a well-conditioned one.
     cond_limit = _GRAM_COND_LIMIT[compute_dtype]
     fallback = s[:, -1] > cond_limit * s[:, 0]
-    slack = _BAND_SLACK[compute_dtype]
-    outside = (s < lo * (1 - slack)) | (s > hi * (1 + slack))
+    slack = BAND_SLACK[compute_dtype]
+    outside = outside_band(s, epsilon, slack)
     # s = 0 only occurs with the fallback, which ignores factor.
     factor = s.clamp(lo, hi) / s.clamp_min(torch.finfo(compute_dtype).tiny)
     clipped = outside & ~fallback.unsqueeze(-1)
@@ -181,7 +194,7 @@ def _clip_singular_values(matrices: torch.Tensor, lo: float, hi: float) -> Bound
     if fallback.any():
         idx = fallback.nonzero().flatten()
         exact, s64 = _svd_clip(a[idx], lo, hi)
-        n64 = ((s64 < lo * (1 - slack)) | (s64 > hi * (1 + slack))).sum(-1)
+        n64 = outside_band(s64, epsilon, slack).sum(-1)
         changed = idx[n64 > 0]
         out[changed] = exact[n64 > 0].to(compute_dtype)
         sv_min[idx], sv_max[idx] = s64[:, -1].to(s.dtype), s64[:, 0].to(s.dtype)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
-import fnmatch
 import json
 import math
 import sys
@@ -37,8 +36,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .functional import band, singular_values, weight_matrices
-from .svb import DEFAULT_LAYER_TYPES
+from .functional import band, outside_band, singular_values, weight_matrices
+from .svb import DEFAULT_LAYER_TYPES, select_layers
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -76,10 +75,6 @@ MODEL_COLORS = (
     "tab:cyan",
 )
 
-# A singular value within this relative distance of a band edge counts as inside the band: float32 weights
-# bounded to the edge by SVB read back a few 1e-6 off it (the engine uses the same slack).
-BAND_RTOL = 2e-5
-
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 CSV_COLUMNS = (
@@ -108,26 +103,11 @@ def _select_layers(
     exclude: Sequence[str],
     layer_types: tuple[type[nn.Module], ...],
 ) -> list[tuple[str, torch.Tensor, int]]:
-    """``(name, weight, groups)`` of every conv/linear layer, as :class:`timm_svb.SVB` selects them."""
-    if isinstance(include, str) or isinstance(exclude, str):
-        raise TypeError("include/exclude take a sequence of glob patterns, e.g. exclude=('fc',)")
-    layers, seen = [], set()
-    for name, module in model.named_modules():
-        if not isinstance(module, layer_types):
-            continue
-        if include is not None and not any(fnmatch.fnmatch(name, p) for p in include):
-            continue
-        if any(fnmatch.fnmatch(name, p) for p in exclude):
-            continue
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() < 2 or id(weight) in seen:
-            continue
-        seen.add(id(weight))
-        layers.append((name, weight.detach(), int(getattr(module, "groups", 1))))
-    if not layers:
-        types = ", ".join(t.__name__ for t in layer_types)
-        raise ValueError(f"{type(model).__name__} has no layer to measure (looked for {types})")
-    return layers
+    """``(name, weight, groups)`` of every conv/linear layer, selected as :class:`timm_svb.SVB` does."""
+    return [
+        (layer.name, layer.module.weight.detach(), int(getattr(layer.module, "groups", 1)))
+        for layer in select_layers(model, include, exclude, layer_types, with_bn=False)
+    ]
 
 
 @torch.no_grad()
@@ -207,12 +187,6 @@ class LayerRow:
             repr(self.condition_number),
             repr(self.fraction_outside_band),
         ]
-
-
-def outside_band(values: torch.Tensor, epsilon: float, rtol: float = BAND_RTOL) -> torch.Tensor:
-    """Mask of the values outside the SVB band ``[1/(1+epsilon), 1+epsilon]`` (with ``rtol`` slack)."""
-    lo, hi = band(epsilon)
-    return (values < lo * (1 - rtol)) | (values > hi * (1 + rtol))
 
 
 def condition_number(values: torch.Tensor) -> float:

@@ -149,7 +149,7 @@ class SVB:
         self.on_nonfinite = on_nonfinite
         self.process_group = process_group
         self.model = model
-        self.layers = _select_layers(model, include, exclude, layer_types, self.bbn_epsilon is not None)
+        self.layers = select_layers(model, include, exclude, layer_types, self.bbn_epsilon is not None)
         self.step = 0  # real optimizer steps seen by the hook
         self.num_applied = 0  # times the hook applied SVB
 
@@ -347,13 +347,18 @@ def _has_step_hooks(optimizer: Any) -> bool:
     return isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "_optimizer_step_post_hooks")
 
 
-def _select_layers(
+def select_layers(
     model: nn.Module,
     include: Sequence[str] | None,
     exclude: Sequence[str],
     layer_types: tuple[type[nn.Module], ...],
     with_bn: bool,
 ) -> list[_Layer]:
+    """The layers :class:`SVB` bounds, in module order: conv/linear weights and, with ``with_bn``, BatchNorms.
+
+    ``include``/``exclude`` are glob patterns on module names; a weight shared by several modules is taken
+    once.
+    """
     if isinstance(include, str) or isinstance(exclude, str):
         raise TypeError("include/exclude take a sequence of glob patterns, e.g. exclude=('fc',)")
     layers, seen = [], set()
