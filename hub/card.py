@@ -1,0 +1,166 @@
+"""The model card (``README.md``) of a published SVB/BBN model: metadata with ``model-index`` eval results,
+the SVB settings, the training recipe, how to load and fine-tune, and the paper's citation."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+PAPER_URL = "https://arxiv.org/abs/1611.06013"
+CITATION = """@inproceedings{jia2017improving,
+  title     = {Improving Training of Deep Neural Networks via Singular Value Bounding},
+  author    = {Jia, Kui and Tao, Dacheng and Gao, Shenghua and Xu, Xiangmin},
+  booktitle = {Proceedings of the IEEE Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2017},
+  eprint    = {1611.06013},
+  archivePrefix = {arXiv}
+}"""
+
+# (metric key in the run record, model-index metric type, human readable name)
+_METRICS = (("top1_err", "top1_err", "Top-1 error (%)"), ("top5_err", "top5_err", "Top-5 error (%)"))
+
+
+def _eval_results(dataset: dict[str, Any], metrics: dict[str, Any]) -> list[EvalResult]:
+    """``model-index`` entries: top-1 / top-5 error (percent) on the run's test split."""
+    return [
+        EvalResult(
+            task_type="image-classification",
+            task_name="Image Classification",
+            dataset_type=dataset["name"],
+            dataset_name=dataset["name"],
+            dataset_split=dataset.get("test_split"),
+            metric_type=metric_type,
+            metric_name=metric_name,
+            metric_value=round(float(metrics[key]), 4),
+        )
+        for key, metric_type, metric_name in _METRICS
+        if metrics.get(key) is not None
+    ]
+
+
+def _json_block(obj: Any) -> str:
+    """A fenced JSON code block."""
+    return "```json\n" + json.dumps(obj, indent=2, sort_keys=True) + "\n```"
+
+
+def _svb_section(svb_config: dict[str, Any] | None) -> str:
+    """What SVB/BBN settings trained these weights (or that they were trained without SVB)."""
+    if not svb_config:
+        return "These weights were trained **without** SVB/BBN (a baseline of the paper's comparison).\n"
+    return (
+        "Trained with Singular Value Bounding (SVB) and Bounded Batch Normalization (BBN) "
+        f"([Jia et al., CVPR 2017]({PAPER_URL})), with these settings (`svb_config` in `config.json`):\n\n"
+        + _json_block(svb_config)
+        + "\n"
+    )
+
+
+def _results_table(dataset: dict[str, Any], metrics: dict[str, Any], checked: dict[str, Any] | None) -> str:
+    """Markdown table of the run's recorded errors and, if done, the re-evaluation of the published file."""
+    rows = [
+        "| data set | split | top-1 error (%) | top-5 error (%) | source |",
+        "|---|---|---|---|---|",
+        f"| {dataset['name']} | {dataset.get('test_split', '')} | {metrics['top1_err']:.2f} "
+        f"| {metrics['top5_err']:.2f} | training run, {metrics.get('weights', 'best')} weights "
+        f"(epoch {metrics.get('epoch', '?')}) |",
+    ]
+    if checked:
+        rows.append(
+            f"| {dataset['name']} | {dataset.get('test_split', '')} | {checked['top1_err']:.2f} "
+            f"| {checked['top5_err']:.2f} | re-evaluation of this repository's `model.safetensors` |"
+        )
+    else:
+        rows.append("\nThe published file was not re-evaluated before publishing (test data not reachable).")
+    return "\n".join(rows) + "\n"
+
+
+def _usage(repo_id: str, record_name: str | None, num_classes: int) -> str:
+    """How to load, predict with and fine-tune the published weights."""
+    zoo = ""
+    if record_name:
+        zoo = (
+            "\nWith `timm-svb` installed the weights are also in the timm model zoo, pinned to the published "
+            "revision and verified against their sha256 before loading:\n\n"
+            "```python\nimport timm\nimport timm_svb  # registers the SVB/BBN models\n\n"
+            f"model = timm.create_model('{record_name}', pretrained=True).eval()\n```\n"
+        )
+    return (
+        "```python\nimport timm\nimport timm_svb  # registers the SVB/BBN architectures with timm\n\n"
+        f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()\n"
+        "data_config = timm.data.resolve_model_data_config(model)\n"
+        "transform = timm.data.create_transform(**data_config, is_training=False)\n"
+        "logits = model(transform(image).unsqueeze(0))  # image: a PIL image\n```\n"
+        + zoo
+        + "\n### Fine-tuning\n\n"
+        "Pass another `num_classes`: timm loads every weight but the classifier, which is freshly "
+        "initialised for the new classes.\n\n"
+        "```python\n"
+        f"model = timm.create_model('{record_name or 'hf-hub:' + repo_id}', pretrained=True, num_classes=5)\n"
+        "```\n\n"
+        f"This checkpoint has {num_classes} classes. To keep training with SVB/BBN, attach the plugin "
+        "(`timm_svb.SVB`) to the optimizer as in the repository's training recipe (`--pretrained`).\n"
+    )
+
+
+def build_model_card(
+    *,
+    repo_id: str,
+    run: dict[str, Any],
+    metrics: dict[str, Any],
+    checked: dict[str, Any] | None,
+    record_name: str | None,
+    num_params: int,
+    spectrum_png: str | None = None,
+) -> ModelCard:
+    """The model card of a published run.
+
+    Args:
+        repo_id: Hub repository ``ORG/NAME``.
+        run: The run's ``run.json``.
+        metrics: The run's recorded metrics of the published weights (``top1_err``, ``top5_err`` in percent,
+            ``epoch``, ``weights``).
+        checked: Metrics of the re-evaluation of the published file, None if not re-evaluated.
+        record_name: ``model.tag`` under which the zoo lists these weights, None if not recorded.
+        num_params: Number of parameters of the model.
+        spectrum_png: File name (in the repository) of the singular-value spectrum plot, if any.
+    """
+    dataset = run["dataset"]
+    card_data = ModelCardData(
+        library_name="timm",
+        license="apache-2.0",
+        pipeline_tag="image-classification",
+        tags=["image-classification", "timm", "timm-svb", "singular-value-bounding", "safetensors"],
+        model_name=repo_id.split("/")[-1],
+        eval_results=_eval_results(dataset, metrics),
+        metrics=[m[1] for m in _METRICS],
+    )
+    if "/" in dataset["name"]:  # a Hub data set id
+        card_data.datasets = [dataset["name"]]
+    spectrum = ""
+    if spectrum_png:
+        spectrum = (
+            f"\n## Singular-value spectrum\n\n![Singular values of every weight layer]({spectrum_png})\n"
+        )
+    body = (
+        f"# {repo_id.split('/')[-1]}\n\n"
+        f"`{run['model']}` image classifier ({num_params / 1e6:.2f} M parameters, "
+        f"{run['num_classes']} classes) "
+        f"trained on `{dataset['name']}` with the `timm-svb` recipe.\n\n"
+        "## Results\n\n"
+        + _results_table(dataset, metrics, checked)
+        + "\n## SVB / BBN\n\n"
+        + _svb_section(run.get("svb_config"))
+        + "\n## Usage\n\n"
+        + _usage(repo_id, record_name, run["num_classes"])
+        + spectrum
+        + "\n## Training recipe\n\n"
+        f"Model kwargs: `{json.dumps(run.get('model_kwargs', {}), sort_keys=True)}`, "
+        f"timm-svb {run.get('timm_svb_version', '?')}. Full recipe config:\n\n"
+        + _json_block(run.get("recipe", {}))
+        + "\n\n## Citation\n\n```bibtex\n"
+        + CITATION
+        + "\n```\n"
+    )
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
