@@ -7,7 +7,7 @@ from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from torch import nn
 
 from ..functional import orthogonal_init_
-from ._pretrained import PretrainedWeightsNotPublishedError
+from ._pretrained import PretrainedWeightsNotPublishedError, with_verified_weights
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -108,6 +108,7 @@ def build_svb_model(
     svb_config = _svb_config(variant, kwargs)
     if pretrained:
         _check_pretrained(variant, kwargs)
+        kwargs = with_verified_weights(variant, kwargs)  # record weights: sha256-checked safetensors file
     model = build_model_with_cfg(
         model_cls if svb_config is None else _orthogonal(model_cls), variant, pretrained, **kwargs)
     model.svb_config = svb_config
