@@ -48,12 +48,13 @@ def _json_block(obj: Any) -> str:
 def _svb_section(svb_config: dict[str, Any] | None) -> str:
     """What SVB/BBN settings trained these weights (or that they were trained without SVB)."""
     if not svb_config:
-        return "These weights were trained **without** SVB/BBN (a baseline of the paper's comparison).\n"
+        return "These weights were trained **without** SVB/BBN (plain SGD, like the paper's baselines).\n"
+    what = "Singular Value Bounding (SVB)"
+    if svb_config.get("bbn_epsilon") is not None:
+        what += " and Bounded Batch Normalization (BBN)"
     return (
-        "Trained with Singular Value Bounding (SVB) and Bounded Batch Normalization (BBN) "
-        f"([Jia et al., CVPR 2017]({PAPER_URL})), with these settings (`svb_config` in `config.json`):\n\n"
-        + _json_block(svb_config)
-        + "\n"
+        f"Trained with {what} ([Jia et al., CVPR 2017]({PAPER_URL})), with these settings "
+        "(`svb_config` in `config.json`):\n\n" + _json_block(svb_config) + "\n"
     )
 
 

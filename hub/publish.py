@@ -231,7 +231,8 @@ def zoo_mismatch(run: dict[str, Any], repo_id: str, name: str, model: nn.Module)
 
     ``timm.create_model(name, pretrained=True)`` builds the zoo model with its default kwargs and the zoo's
     cfg for the tag, so the tag must exist, its cfg must match the run's preprocessing and classes, and the
-    default model must have exactly the run's state dict layout.
+    default model must have exactly the run's state dict layout. SVB bands other than the zoo model's
+    defaults are only logged: ``config.json`` and the card record the bands the weights were trained with.
     """
     if repo_id.split("/")[0] != HUB_ORG:
         return f"{repo_id} is not in the {HUB_ORG!r} Hub organisation"
@@ -247,11 +248,26 @@ def zoo_mismatch(run: dict[str, Any], repo_id: str, name: str, model: nn.Module)
     for key in _CFG_KEYS:
         if not _same(zoo_cfg.get(key), run_cfg.get(key)):
             return f"{key}: zoo cfg {name!r} has {zoo_cfg.get(key)!r}, the run {run_cfg.get(key)!r}"
-    zoo_sd = timm.create_model(name).state_dict()
-    run_sd = model.state_dict()
+    zoo_model = timm.create_model(name)
+    zoo_sd, run_sd = zoo_model.state_dict(), model.state_dict()
     if {k: v.shape for k, v in zoo_sd.items()} != {k: v.shape for k, v in run_sd.items()}:
         return f"the run's state dict does not fit timm.create_model({name!r}) (non-default model kwargs?)"
+    trained, carried = _svb_bands(run["svb_config"]), _svb_bands(getattr(zoo_model, "svb_config", None))
+    if not _same(list(trained.values()), list(carried.values())):  # informative: weights fit either way
+        _logger.warning(
+            "%s: trained with SVB bands %s, the zoo model's svb_config (its defaults for further "
+            "training) is %s; config.json and the card record the bands used",
+            name,
+            trained,
+            carried,
+        )
     return None
+
+
+def _svb_bands(svb_config: dict[str, Any] | None) -> dict[str, float | None]:
+    """The SVB / BBN bands of an ``svb_config`` (None: not used)."""
+    config = svb_config or {}
+    return {"epsilon": config.get("epsilon"), "bbn_epsilon": config.get("bbn_epsilon")}
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -6,7 +6,6 @@ the weights and the sha256 of its ``model.safetensors``; the zoo derives its pre
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -14,17 +13,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-WEIGHTS_FILENAME = "model.safetensors"
+from timm_svb.models._pretrained import WEIGHTS_FILENAME, file_sha256
+
+__all__ = ["WEIGHTS_FILENAME", "default_record_path", "file_sha256", "record_entry", "write_record"]
+
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def default_record_path() -> Path:
