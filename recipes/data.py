@@ -1,0 +1,528 @@
+"""Data for the recipe: image-classification sets through ``datasets``, timm transforms, loaders.
+
+Sources (:func:`load_image_dataset`):
+
+* ``sklearn-digits``: scikit-learn's handwritten digits, upsampled to 32x32 RGB, with a fixed train/test split
+  (:func:`digits_dataset`); nothing to download.
+* a Hugging Face Hub id (``uoft-cs/cifar10``, ``uoft-cs/cifar100``, ``ILSVRC/imagenet-1k``, any image
+  classification set): ``datasets.load_dataset``; the image and label columns are detected.
+* a local folder (``--data-dir``, or the name itself when it is a path): a ``save_to_disk`` folder, an
+  ``imagefolder`` tree (``train/<class>/*.png``, ``test/<class>/*.png``) or a local copy of a Hub dataset
+  repository (parquet files).
+
+Transforms come from timm with the model's data config: ``cifar`` (pad + random crop + flip, for inputs up to
+64 pixels) or ``inception`` (timm's random-resized-crop ImageNet pipeline) for training; timm's eval transform
+(resize by ``crop_pct`` + center crop) for testing.
+
+:func:`build_test_loader` rebuilds the test loader of a finished run from its ``run.json`` (``hub/publish.py``
+re-evaluates with it).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_transform
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+__all__ = [
+    "DIGITS",
+    "DataError",
+    "ImageData",
+    "TorchImageDataset",
+    "build_test_loader",
+    "build_transforms",
+    "data_config_from_cfg",
+    "digits_dataset",
+    "load_image_dataset",
+    "make_synthetic_dataset",
+]
+
+_logger = logging.getLogger("recipes.data")
+
+DIGITS = "sklearn-digits"
+DIGITS_TEST_SIZE = 360  # of 1797 images (20%)
+DIGITS_SPLIT_SEED = 0
+TEST_SPLIT_NAMES = ("test", "validation", "valid", "val")
+_LABEL_NAMES = ("label", "labels", "fine_label", "target", "class")
+_IMAGE_NAMES = ("image", "img", "images", "jpg", "png", "pixel_values")
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+class DataError(RuntimeError):
+    """The data set cannot be loaded or used; the message says what to do."""
+
+
+@dataclass
+class ImageData:
+    """An image-classification data set: its splits and how to read them."""
+
+    name: str
+    train: Any  # datasets.Dataset or None (test-only load)
+    test: Any  # datasets.Dataset
+    image_column: str
+    label_column: str
+    label_names: list[str]
+    train_split: str | None
+    test_split: str
+    data_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def describe(self) -> dict[str, Any]:
+        """The ``dataset`` entry of ``run.json``."""
+        return {
+            "name": self.name,
+            "data_dir": self.data_dir,
+            "train_split": self.train_split,
+            "test_split": self.test_split,
+            "image_column": self.image_column,
+            "label_column": self.label_column,
+            "label_names": list(self.label_names),
+            "num_train_images": None if self.train is None else len(self.train),
+            "num_test_images": len(self.test),
+        }
+
+
+# ----------------------------------------------------------------------------------------- data sets
+
+
+@functools.lru_cache(maxsize=1)
+def digits_dataset() -> Any:
+    """scikit-learn's 1797 handwritten digits as a ``DatasetDict`` with ``train`` (1437) and ``test`` (360).
+
+    Each 8x8 image (values 0..16) is scaled to 0..255, upsampled to 32x32 (bilinear) and stored as a 3-channel
+    uint8 image; ``label`` is a ``ClassLabel`` with names ``"0"``..``"9"``. The split is fixed: a
+    ``numpy.random.RandomState(0)`` permutation, its first 360 indices are the test set. Built in memory, the
+    same on every machine.
+    """
+    import datasets  # noqa: PLC0415  (slow import, only when needed)
+    from sklearn.datasets import load_digits  # noqa: PLC0415
+
+    digits = load_digits()
+    pixels = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    images = [Image.fromarray(p, mode="L").resize((32, 32), Image.BILINEAR).convert("RGB") for p in pixels]
+    labels = digits.target.astype(np.int64)
+    order = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(len(images))
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
+    )
+
+    def subset(indices: np.ndarray) -> Any:
+        return datasets.Dataset.from_dict(
+            {"image": [images[i] for i in indices], "label": [int(labels[i]) for i in indices]},
+            features=features,
+        )
+
+    return datasets.DatasetDict(
+        {"train": subset(order[DIGITS_TEST_SIZE:]), "test": subset(order[:DIGITS_TEST_SIZE])}
+    )
+
+
+def make_synthetic_dataset(
+    path: str | os.PathLike | None = None,
+    num_train: int = 32,
+    num_test: int = 16,
+    num_classes: int = 4,
+    image_size: tuple[int, int] = (32, 32),
+    seed: int = 0,
+) -> Any:
+    """A generated, learnable image-classification ``DatasetDict`` (``train``/``test``), saved to ``path``.
+
+    Class ``c`` images are noise around a class-specific colour, so a model can fit them. Used by the tests
+    and for smoke runs (``--data-dir PATH``); ``image_size`` is (height, width).
+    """
+    import datasets  # noqa: PLC0415
+
+    rng = np.random.RandomState(seed)
+    colours = rng.randint(0, 256, size=(num_classes, 3))
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=[f"class{i}" for i in range(num_classes)]),
+        }
+    )
+
+    def split(n: int) -> Any:
+        labels = np.arange(n) % num_classes
+        noise = rng.randint(-60, 61, size=(n, *image_size, 3))
+        pixels = np.clip(colours[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+        return datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(p) for p in pixels], "label": labels.tolist()}, features=features
+        )
+
+    dsd = datasets.DatasetDict({"train": split(num_train), "test": split(num_test)})
+    if path is not None:
+        dsd.save_to_disk(str(path))
+    return dsd
+
+
+def _load_local(path: Path) -> Any:
+    import datasets  # noqa: PLC0415
+
+    if (path / "dataset_dict.json").is_file():
+        return datasets.load_from_disk(str(path))
+    if (path / "state.json").is_file():
+        raise DataError(
+            f"{path} is a save_to_disk folder of a single split; save a DatasetDict with train and test "
+            "splits "
+            "(DatasetDict({'train': ..., 'test': ...}).save_to_disk(DIR))"
+        )
+    try:  # imagefolder tree or a local copy of a Hub dataset repository (parquet, arrow, csv + images)
+        return datasets.load_dataset(str(path))
+    except Exception as e:  # noqa: BLE001  (datasets raises many types; all mean "not a data set")
+        raise DataError(
+            f"cannot read {path} as a data set ({type(e).__name__}: {e}); --data-dir takes a save_to_disk "
+            "folder, an imagefolder tree (train/<class>/<image>, test/<class>/<image>) or a local copy of a "
+            "Hub dataset"
+        ) from e
+
+
+def _load_hub(name: str, split: str | None) -> Any:
+    import datasets  # noqa: PLC0415
+
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(
+            f"could not load data set {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Offline "
+            "or behind a firewall? On a machine with network run "
+            f"`datasets.load_dataset({name!r}).save_to_disk(DIR)` "
+            "(or `hf download --repo-type dataset NAME --local-dir DIR`), copy DIR here and pass "
+            "--data-dir DIR. Gated sets (ImageNet) also need `hf auth login` and accepted terms."
+        ) from e
+
+
+def _pick_test_split(dsd: Any, label_column: str | None, requested: str | None) -> str:
+    names = list(dsd.keys())
+    if requested:
+        if requested not in dsd:
+            raise DataError(f"split {requested!r} not found; the data set has splits {names}")
+        return requested
+    for candidate in TEST_SPLIT_NAMES:
+        if candidate not in dsd:
+            continue
+        column = label_column or _detect_label_column(dsd[candidate], None, strict=False)
+        if column is None or column not in dsd[candidate].column_names or len(dsd[candidate]) == 0:
+            return candidate  # the column checks that follow say what is wrong
+        if min(dsd[candidate].unique(column)) >= 0:  # e.g. ImageNet's unlabelled test split has -1
+            return candidate
+    raise DataError(
+        f"no labelled test split among {names} (looked for {list(TEST_SPLIT_NAMES)}); name one with "
+        "--val-split, "
+        "or for an imagefolder tree put the test images under DIR/test/<class>/"
+    )
+
+
+def _detect_image_column(ds: Any, requested: str | None) -> str:
+    import datasets  # noqa: PLC0415
+
+    features = ds.features
+    if requested:
+        if requested not in features:
+            raise DataError(f"image column {requested!r} not found; columns: {list(features)}")
+        return requested
+    images = [k for k, v in features.items() if isinstance(v, datasets.Image)]
+    if images:
+        return next((k for k in _IMAGE_NAMES if k in images), images[0])
+    raise DataError(
+        f"no image column (a datasets.Image feature) among {dict(features)}; name it with --image-column "
+        "(it must hold images: cast it with dataset.cast_column(NAME, datasets.Image()))"
+    )
+
+
+def _detect_label_column(ds: Any, requested: str | None, strict: bool = True) -> str | None:
+    import datasets  # noqa: PLC0415
+
+    features = ds.features
+    if requested:
+        if requested not in features:
+            raise DataError(f"label column {requested!r} not found; columns: {list(features)}")
+        return requested
+    class_labels = [k for k, v in features.items() if isinstance(v, datasets.ClassLabel)]
+    if class_labels:
+        return next((k for k in _LABEL_NAMES if k in class_labels), class_labels[0])
+    for k in _LABEL_NAMES:
+        feature = features.get(k)
+        if isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
+            return k
+    if not strict:
+        return None
+    raise DataError(
+        f"no label column (a ClassLabel or an integer column named one of {list(_LABEL_NAMES)}) among "
+        f"{dict(features)}; name it with --label-column"
+    )
+
+
+def load_image_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    train_split: str | None = "train",
+    val_split: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    need_train: bool = True,
+) -> ImageData:
+    """Load an image-classification data set and detect its splits and columns.
+
+    Args:
+        name: ``sklearn-digits``, a Hub id, or a local path.
+        data_dir: local copy to read instead of the Hub (save_to_disk folder, imagefolder tree, repo clone).
+        train_split: training split name.
+        val_split: test split name; ``None`` picks the first labelled of ``test``, ``validation``, ``valid``,
+            ``val``.
+        image_column / label_column: column names; ``None`` detects them (``datasets.Image`` feature;
+            ``ClassLabel`` feature, preferring ``label`` and ``fine_label``).
+        need_train: ``False`` loads only what testing needs (a Hub set then downloads only its test split).
+
+    Raises:
+        DataError: unreachable, malformed or incomplete data set; the message says what to do.
+    """
+    local = Path(data_dir).expanduser() if data_dir else None
+    if local is None and name != DIGITS and Path(name).expanduser().exists():
+        local = Path(name).expanduser()
+    if local is not None and name == DIGITS:
+        name = str(local)  # a local data set under the default name: name it by its folder
+    if local is not None and not local.exists():
+        raise DataError(f"--data-dir {local} does not exist")
+    if local is not None and not local.is_dir():
+        raise DataError(f"--data-dir {local} is not a folder")
+
+    if local is not None:
+        dsd = _load_local(local)
+    elif name == DIGITS:
+        dsd = digits_dataset()
+    elif not need_train and val_split:
+        dsd = {val_split: _load_hub(name, val_split)}
+    else:
+        dsd = _load_hub(name, None)
+    if not hasattr(dsd, "keys"):
+        raise DataError(f"{name}: expected a data set with splits, got a single {type(dsd).__name__}")
+
+    test_split = _pick_test_split(dsd, label_column, val_split)
+    test = dsd[test_split]
+    train = None
+    if need_train:
+        if not train_split or train_split not in dsd:
+            raise DataError(
+                f"training split {train_split!r} not found; the data set has splits {list(dsd.keys())} "
+                "(choose one with --train-split)"
+            )
+        if train_split == test_split:
+            raise DataError(f"the training and test splits are both {test_split!r}; pick another --val-split")
+        train = dsd[train_split]
+    image_column = _detect_image_column(test, image_column)
+    label_column = _detect_label_column(test, label_column)
+    label_names = _label_names(train if train is not None else test, label_column)
+    for split_name, split in ((train_split, train), (test_split, test)):
+        if split is None:
+            continue
+        missing = {image_column, label_column} - set(split.column_names)
+        if missing:
+            raise DataError(f"split {split_name!r} lacks column(s) {sorted(missing)}")
+        if len(split) == 0:
+            raise DataError(f"split {split_name!r} is empty")
+    return ImageData(
+        name=name,
+        train=train,
+        test=test,
+        image_column=image_column,
+        label_column=label_column,
+        label_names=label_names,
+        train_split=train_split if need_train else None,
+        test_split=test_split,
+        data_dir=str(local) if local is not None else None,
+    )
+
+
+def _label_names(ds: Any, column: str) -> list[str]:
+    import datasets  # noqa: PLC0415
+
+    feature = ds.features[column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    values = ds.unique(column)
+    if min(values) < 0:
+        raise DataError(f"label column {column!r} holds negative labels (unlabelled data?)")
+    return [str(i) for i in range(int(max(values)) + 1)]
+
+
+# ------------------------------------------------------------------------------------------ transforms
+
+
+def data_config_from_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The timm data config (input_size, interpolation, mean, std, crop_pct, crop_mode) of a pretrained
+    cfg."""
+    config = {k: cfg[k] for k in DATA_CONFIG_KEYS if cfg.get(k) is not None}
+    config["input_size"] = tuple(config["input_size"])
+    config.setdefault("crop_pct", 0.875)
+    config.setdefault("interpolation", "bilinear")
+    config.setdefault("crop_mode", "center")
+    return config
+
+
+def resolve_aug(aug: str, data_config: dict[str, Any]) -> str:
+    """``auto`` -> ``cifar`` for inputs up to 64 pixels, else ``inception``."""
+    if aug != "auto":
+        return aug
+    return "cifar" if max(data_config["input_size"][1:]) <= 64 else "inception"
+
+
+def build_transforms(
+    data_config: dict[str, Any],
+    is_training: bool,
+    *,
+    aug: str = "auto",
+    hflip: float = 0.5,
+    crop_padding: int = 4,
+    scale: tuple[float, float] | None = None,
+    ratio: tuple[float, float] | None = None,
+    color_jitter: float | None = 0.4,
+) -> Any:
+    """timm transforms for the model's data config.
+
+    Training: ``cifar`` = resize to the input size (a no-op for CIFAR), zero-pad ``crop_padding`` pixels,
+    random crop back, horizontal flip with probability ``hflip``, normalise; ``inception`` = timm's
+    ``create_transform(is_training=True)`` (random-resized crop with ``scale``/``ratio``, flip, colour
+    jitter); ``none`` = the eval transform. Testing: ``create_transform(is_training=False)`` (resize to
+    ``input / crop_pct``, center crop).
+    """
+    size = tuple(data_config["input_size"][1:])
+    eval_tf = create_transform(
+        input_size=data_config["input_size"],
+        is_training=False,
+        interpolation=data_config["interpolation"],
+        mean=data_config["mean"],
+        std=data_config["std"],
+        crop_pct=data_config["crop_pct"],
+        crop_mode=data_config.get("crop_mode", "center"),
+    )
+    if not is_training:
+        return eval_tf
+    aug = resolve_aug(aug, data_config)
+    if aug == "none":
+        return eval_tf
+    if aug == "cifar":
+        steps: list[Any] = [T.Resize(size, interpolation=_interp(data_config["interpolation"]))]
+        if crop_padding:
+            steps.append(T.RandomCrop(size, padding=crop_padding, fill=0, padding_mode="constant"))
+        if hflip > 0:
+            steps.append(T.RandomHorizontalFlip(hflip))
+        steps += [T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])]
+        return T.Compose(steps)
+    if aug == "inception":
+        return create_transform(
+            input_size=data_config["input_size"],
+            is_training=True,
+            interpolation=data_config["interpolation"],
+            mean=data_config["mean"],
+            std=data_config["std"],
+            scale=scale,
+            ratio=ratio,
+            hflip=hflip,
+            color_jitter=color_jitter,
+        )
+    raise ValueError(f"unknown augmentation {aug!r} (auto, cifar, inception, none)")
+
+
+def _interp(name: str) -> T.InterpolationMode:
+    return {
+        "bilinear": T.InterpolationMode.BILINEAR,
+        "bicubic": T.InterpolationMode.BICUBIC,
+        "nearest": T.InterpolationMode.NEAREST,
+        "lanczos": T.InterpolationMode.LANCZOS,
+    }.get(name, T.InterpolationMode.BILINEAR)
+
+
+class TorchImageDataset(torch.utils.data.Dataset):
+    """A ``datasets.Dataset`` split as ``(image tensor, label)`` pairs through a transform."""
+
+    def __init__(self, ds: Any, image_column: str, label_column: str, transform: Any, mode: str = "RGB"):
+        self.ds = ds.select_columns([image_column, label_column])
+        self.image_column = image_column
+        self.label_column = label_column
+        self.transform = transform
+        self.mode = mode
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        row = self.ds[int(index)]
+        image = row[self.image_column]
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray(np.asarray(image))
+        if image.mode != self.mode:
+            image = image.convert(self.mode)
+        return self.transform(image), int(row[self.label_column])
+
+
+def loader_kwargs(workers: int, pin_memory: bool) -> dict[str, Any]:
+    """DataLoader options that keep accelerators fed: workers, pinned memory, persistent workers."""
+    kwargs: dict[str, Any] = {"num_workers": workers, "pin_memory": pin_memory}
+    if workers > 0:
+        kwargs.update(persistent_workers=True, prefetch_factor=4)
+    return kwargs
+
+
+# ------------------------------------------------------------------------------------------- for hub/
+
+
+def build_test_loader(
+    run: dict[str, Any] | str | os.PathLike,
+    batch_size: int = 128,
+    workers: int = 0,
+    data_dir: str | os.PathLike | None = None,
+) -> DataLoader:
+    """The test loader of a finished run, from its ``run.json`` (a dict, the file, or the run folder).
+
+    It loads ``run["dataset"]`` (the recorded local copy if it is there, else the Hub id, or ``data_dir``),
+    checks its size and labels against the record and applies the eval transform of
+    ``run["pretrained_cfg"]``. Raises :class:`DataError` when the data is unreachable or differs.
+    """
+    if not isinstance(run, dict):
+        path = Path(run)
+        run = json.loads((path / "run.json" if path.is_dir() else path).read_text(encoding="utf-8"))
+    info = run["dataset"]
+    local = data_dir or info.get("data_dir")
+    if local and not Path(local).exists():
+        if data_dir:
+            raise DataError(f"{data_dir} does not exist")
+        local = None  # recorded copy not on this machine: try the name
+    data = load_image_dataset(
+        info["name"],
+        local,
+        val_split=info.get("test_split"),
+        image_column=info.get("image_column"),
+        label_column=info.get("label_column"),
+        need_train=False,
+    )
+    expected = info.get("num_test_images")
+    if expected is not None and len(data.test) != expected:
+        raise DataError(
+            f"test split {data.test_split!r} of {info['name']!r} has {len(data.test)} images, "
+            f"the run had {expected}"
+        )
+    names = info.get("label_names")
+    if names and list(names) != data.label_names:
+        raise DataError(f"label names of {info['name']!r} differ from the run's")
+    data_config = data_config_from_cfg(run["pretrained_cfg"])
+    mode = "L" if data_config["input_size"][0] == 1 else "RGB"
+    dataset = TorchImageDataset(
+        data.test, data.image_column, data.label_column, build_transforms(data_config, False), mode
+    )
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_kwargs(workers, False))

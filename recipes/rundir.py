@@ -1,0 +1,214 @@
+"""The run folder: ``run.json``, weights as safetensors, ``summary.csv`` and crash-safe checkpoints.
+
+Layout (``hub/publish.py`` reads ``run.json`` and ``model_{best,final}.safetensors``)::
+
+    RUN/run.json                  model, model_kwargs, num_classes, svb_config, dataset, recipe, metrics, ...
+    RUN/model_best.safetensors    lowest top-1 test error so far
+    RUN/model_final.safetensors   after the last epoch
+    RUN/summary.csv               one row per epoch
+    RUN/args.yaml                 the resolved configuration (a valid --config)
+    RUN/checkpoints/epoch_NNNN/   accelerate states (model, optimizer, scheduler, RNG, SVB, run state)
+
+Every file is written to a temporary name and renamed, a checkpoint folder too: a run killed while saving
+leaves the previous good files and checkpoint, and ``--resume`` picks the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+__all__ = [
+    "CHECKPOINTS",
+    "RunState",
+    "atomic_write_text",
+    "find_checkpoint",
+    "list_checkpoints",
+    "save_checkpoint",
+    "save_weights",
+    "write_summary",
+]
+
+CHECKPOINTS = "checkpoints"
+_CKPT_RE = re.compile(r"^epoch_(\d{4,})$")
+SUMMARY_FIELDS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "test_loss",
+    "top1_err",
+    "top5_err",
+    "images_per_s",
+    "epoch_s",
+    "svb_applied",
+    "svb_applied_total",
+    "svb_clipped",
+    "svb_sv_min",
+    "svb_sv_max",
+    "bbn_clipped",
+    "svb_s",
+)
+
+
+class RunState:
+    """Progress of the run saved in every checkpoint: completed epochs, per-epoch metrics, best epoch."""
+
+    def __init__(self) -> None:
+        self.epoch = 0  # completed epochs
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+
+    def record(self, row: dict[str, Any]) -> bool:
+        """Add an epoch's row; True when it is the new best (lowest top-1, then top-5 error)."""
+        self.history.append(row)
+        self.epoch = row["epoch"]
+        key = (row["top1_err"], row["top5_err"])
+        if self.best is None or key < (self.best["top1_err"], self.best["top5_err"]):
+            self.best = {k: row[k] for k in ("epoch", "top1_err", "top5_err")}
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "history": self.history, "best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.best = state["best"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """The model's state dict as safetensors (CPU, contiguous, metadata ``{"format": "pt"}``), atomically."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def write_summary(path: Path, history: list[dict[str, Any]]) -> None:
+    """``summary.csv`` from the per-epoch rows (rewritten whole: a resumed run drops rows it repeats)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: _csv_value(row.get(k)) for k in SUMMARY_FIELDS})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return "" if value is None else value
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first: ``(epoch, folder)``."""
+    folder = Path(run_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        match = _CKPT_RE.match(p.name)
+        if match and p.is_dir():
+            found.append((int(match.group(1)), p))
+    return sorted(found)
+
+
+def find_checkpoint(resume: str, output: str | None) -> tuple[Path, Path]:
+    """``--resume`` to ``(checkpoint folder, run folder)``.
+
+    ``latest`` is the newest complete checkpoint of ``output``; otherwise ``resume`` is a checkpoint folder
+    (``RUN/checkpoints/epoch_NNNN``) or a run folder (its latest checkpoint).
+    """
+    if resume == "latest":
+        if not output:
+            raise SystemExit("--resume without a checkpoint needs --output RUN_DIR (the run to continue)")
+        run_dir = Path(output)
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise SystemExit(f"--resume: no checkpoint in {run_dir / CHECKPOINTS}")
+        return found[-1][1], run_dir
+    path = Path(resume)
+    if _CKPT_RE.match(path.name) and path.is_dir():
+        return path, Path(output) if output else path.parent.parent
+    if path.is_dir() and list_checkpoints(path):
+        return list_checkpoints(path)[-1][1], Path(output) if output else path
+    raise SystemExit(
+        f"--resume {resume}: not a checkpoint folder (RUN/{CHECKPOINTS}/epoch_NNNN) or a run folder"
+    )
+
+
+def save_checkpoint(accelerator: Any, run_dir: Path, epoch: int, keep: int) -> Path | None:
+    """``accelerator.save_state`` into ``checkpoints/epoch_NNNN`` via a temporary folder and a rename.
+
+    All processes take part (each saves its RNG state); the main process renames the finished folder and
+    keeps the newest ``keep`` checkpoints. Returns the folder (None when ``keep`` is 0).
+    """
+    if keep <= 0:
+        return None
+    folder = Path(run_dir) / CHECKPOINTS
+    final = folder / f"epoch_{epoch:04d}"
+    tmp = folder / f".tmp-epoch_{epoch:04d}"
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def write_run_json(path: Path, run: dict[str, Any]) -> None:
+    """``run.json``, atomically."""
+    atomic_write_text(path, json.dumps(_jsonable(run), indent=2) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, torch.dtype):
+        return str(value)
+    return str(value)

@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""Train a timm model with Singular Value Bounding (SVB) and Bounded Batch Normalization (BBN) via Accelerate.
+
+    python recipes/train.py                                   # the embedded default: digits, CPU, minutes
+    python recipes/train.py -c table2_wrn28_10_cifar10_svb_bbn --data-dir /data/cifar10
+    accelerate launch --multi_gpu --num_processes 8 recipes/train.py -c table4_inception_resnet_v2_svb
+    python recipes/train.py --output runs/X --resume          # continue from the latest good checkpoint
+
+``python recipes/train.py --help`` lists every option; a YAML ``--config`` sets defaults that the command line
+overrides. The run folder (``--output``) holds ``run.json``, ``model_best.safetensors``,
+``model_final.safetensors``, ``summary.csv`` and ``checkpoints/``; ``hub/publish.py`` publishes it.
+
+This file is a thin CLI: the work is in ``options`` (arguments), ``data`` (data sets, transforms, the test
+loader of a run), ``engine`` (training epoch, evaluation, schedules), ``rundir`` (run folder, checkpoints) and
+``trainer`` (the run). With ``recipes/`` on ``sys.path``, ``import train`` gives :func:`evaluate` and
+:func:`build_test_loader` too.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
+
+from data import build_test_loader, digits_dataset  # noqa: E402
+from engine import evaluate  # noqa: E402
+from options import parse_args  # noqa: E402
+from trainer import TrainResult, fit  # noqa: E402
+
+__all__ = ["build_test_loader", "digits_dataset", "evaluate", "main"]
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and train."""
+    return fit(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

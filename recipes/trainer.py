@@ -1,0 +1,606 @@
+"""The recipe's run: build everything from the parsed arguments, train, test every epoch, save, resume."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import yaml
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate.utils import (
+    GradientAccumulationPlugin,
+    TorchDynamoPlugin,
+    broadcast_object_list,
+    is_tensorboard_available,
+    set_seed,
+)
+from data import (
+    DIGITS,
+    ImageData,
+    TorchImageDataset,
+    build_transforms,
+    load_image_dataset,
+    loader_kwargs,
+    resolve_aug,
+)
+from engine import EpochLR, RecordingSVB, evaluate, parse_svb_every, svb_apply_steps, train_one_epoch
+from rundir import (
+    RunState,
+    find_checkpoint,
+    save_checkpoint,
+    save_weights,
+    write_run_json,
+    write_summary,
+)
+from timm.data import resolve_data_config
+from torch import nn
+from torch.utils.data import DataLoader
+
+import timm_svb
+
+__all__ = ["TrainResult", "fit", "make_accelerator"]
+
+_logger = logging.getLogger("recipes.train")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns (the run folder holds the same on disk)."""
+
+    run_dir: Path
+    model: nn.Module  # unwrapped
+    svb: RecordingSVB | None
+    state: RunState
+    finished: bool
+    svb_steps: list[int] = field(default_factory=list)  # steps of the whole run after which SVB bounds
+    run: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _setup_logging(is_main: bool) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    level = logging.INFO if is_main else logging.WARNING
+    for name in ("recipes.train", "recipes.data"):
+        logging.getLogger(name).setLevel(level)
+
+
+def _trackers(value: str) -> list[str]:
+    value = (value or "none").strip().lower()
+    if value == "auto":
+        return ["tensorboard"] if is_tensorboard_available() else []
+    if value in ("none", "", "no"):
+        return []
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _run_dir(args: Any, state: PartialState) -> tuple[Path, Path | None]:
+    """The run folder and the checkpoint to resume (None for a new run); the same on every process."""
+    if args.resume:
+        checkpoint, run_dir = find_checkpoint(args.resume, args.output)
+        return run_dir, checkpoint
+    if args.output:
+        run_dir = Path(args.output)
+    else:
+        stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
+        if state.num_processes > 1:
+            broadcast_object_list(stamp)
+        run_dir = Path("runs") / f"{stamp[0]}-{args.model.replace('/', '_')}"
+    if (run_dir / "run.json").exists():
+        raise SystemExit(
+            f"{run_dir} already holds a run: continue it with --resume --output {run_dir}, or choose another "
+            "--output"
+        )
+    return run_dir, None
+
+
+def _is_svb_variant(name: str) -> bool:
+    return name.split(".")[0].split(":")[-1].endswith("_svb")
+
+
+def _model_kwargs(args: Any, num_classes: int) -> dict[str, Any]:
+    kwargs = dict(args.model_kwargs or {})
+    kwargs["num_classes"] = num_classes
+    if args.drop is not None:
+        kwargs["drop_rate"] = args.drop
+    if args.input_size is not None and args.input_size[0] != 3:
+        kwargs["in_chans"] = args.input_size[0]
+    if _is_svb_variant(args.model) and not args.no_svb:
+        if args.svb_epsilon is not None:
+            kwargs["svb_epsilon"] = args.svb_epsilon
+        if args.bbn_epsilon is not None and not args.no_bbn:
+            kwargs["bbn_epsilon"] = args.bbn_epsilon
+    return kwargs
+
+
+def load_initial_checkpoint(model: nn.Module, path: str) -> None:
+    """Load weights for fine-tuning; classifier tensors of another shape are dropped (a new head)."""
+    state = timm.models.load_state_dict(path, weights_only=True)
+    own = model.state_dict()
+    classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+    prefixes = (
+        tuple(classifier) if isinstance(classifier, (list, tuple)) else ((classifier,) if classifier else ())
+    )
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    wrong = [k for k in mismatched if not k.startswith(prefixes)]
+    if wrong:
+        raise SystemExit(
+            f"--initial-checkpoint {path}: shapes differ for {wrong[:5]} (another architecture?)"
+        )
+    for k in mismatched:
+        del state[k]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in mismatched]
+    if missing or unexpected:
+        raise SystemExit(
+            f"--initial-checkpoint {path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+        )
+    if mismatched:
+        _logger.info("initial checkpoint: new classifier (%s)", ", ".join(mismatched))
+
+
+def _svb_settings(args: Any, model: nn.Module) -> dict[str, Any] | None:
+    """epsilon / bbn_epsilon of the SVB plugin, or None for no SVB."""
+    config = getattr(model, "svb_config", None)
+    if args.no_svb:
+        return None
+    if config is None and args.svb_epsilon is None and args.bbn_epsilon is None:
+        _logger.info("%s has no svb_config: plain SGD (pass --svb-epsilon to bound it)", args.model)
+        return None
+    config = config or {}
+    epsilon = args.svb_epsilon if args.svb_epsilon is not None else config.get("epsilon", 0.5)
+    bbn = (
+        None
+        if args.no_bbn
+        else (args.bbn_epsilon if args.bbn_epsilon is not None else config.get("bbn_epsilon"))
+    )
+    return {"epsilon": float(epsilon), "bbn_epsilon": None if bbn is None else float(bbn)}
+
+
+def _flat_hparams(config: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in config.items():
+        out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _describe_svb(stats: Any) -> str:
+    if stats is None:
+        return ""
+    text = f"sv {stats.sv_min:.3f}..{stats.sv_max:.3f}, {stats.clipped} clipped"
+    if stats.bn_layers:
+        text += f", {stats.bn_clipped} BN scales bounded"
+    return text
+
+
+def make_accelerator(
+    *,
+    cpu: bool = False,
+    mixed_precision: str | None = None,
+    grad_accum_steps: int = 1,
+    seed: int = 42,
+    compile: bool = False,
+    log_with: list[str] | None = None,
+    project_dir: Path | None = None,
+) -> Accelerator:
+    """The recipe's Accelerator: the loaders yield global batches (``split_batches``) shuffled by a seeded
+    sampler (the same order on every process and after a resume), gradient accumulation is driven by
+    :func:`engine.train_one_epoch` (``sync_with_dataloader=False``), the scheduler is stepped per epoch."""
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=grad_accum_steps, sync_with_dataloader=False
+        ),
+        dataloader_config=DataLoaderConfiguration(
+            split_batches=True, use_seedable_sampler=True, data_seed=seed, non_blocking=True
+        ),
+        step_scheduler_with_optimizer=False,
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if compile else None,
+        log_with=log_with or None,
+        project_dir=None if project_dir is None else str(project_dir),
+    )
+
+
+# ------------------------------------------------------------------------------------------------- fit
+
+
+def fit(args: Any) -> TrainResult:
+    """Train as ``args`` (from :func:`options.parse_args`) says; see ``recipes/train.py --help``."""
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # torchrun / accelerate launch on machines without an accelerator: gloo on the CPU
+    cpu = args.cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available())
+    state = PartialState(cpu=cpu)
+    _setup_logging(state.is_main_process)
+    run_dir, resume_from = _run_dir(args, state)
+
+    if args.batch_size % (state.num_processes * args.grad_accum_steps):
+        raise SystemExit(
+            f"--batch-size {args.batch_size} (global) must be a multiple of processes x --grad-accum-steps "
+            f"= {state.num_processes} x {args.grad_accum_steps}"
+        )
+    accelerator = make_accelerator(
+        cpu=cpu,
+        mixed_precision=args.mixed_precision,
+        grad_accum_steps=args.grad_accum_steps,
+        seed=args.seed,
+        compile=args.compile,
+        log_with=_trackers(args.log_with),
+        project_dir=run_dir,
+    )
+    device = accelerator.device
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    _logger.info(
+        "%s, %d process(es), mixed precision %s, run folder %s",
+        device,
+        accelerator.num_processes,
+        accelerator.mixed_precision,
+        run_dir,
+    )
+
+    # ---------------------------------------------------------------- data
+    with accelerator.main_process_first():
+        data: ImageData = load_image_dataset(
+            args.dataset,
+            args.data_dir,
+            train_split=args.train_split,
+            val_split=args.val_split,
+            image_column=args.image_column,
+            label_column=args.label_column,
+        )
+    num_classes = args.num_classes or data.num_classes
+    if num_classes < data.num_classes:
+        raise SystemExit(f"--num-classes {num_classes} < the data set's {data.num_classes} classes")
+    _logger.info(
+        "data %s: %d train (%s), %d test (%s) images, %d classes",
+        data.name,
+        len(data.train),
+        data.train_split,
+        len(data.test),
+        data.test_split,
+        data.num_classes,
+    )
+
+    # ---------------------------------------------------------------- model
+    model_kwargs = _model_kwargs(args, num_classes)
+    with accelerator.main_process_first():
+        model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
+    if args.init == "orthogonal" and not args.pretrained:
+        timm_svb.orthogonal_init_(model)
+    if args.initial_checkpoint:
+        load_initial_checkpoint(model, args.initial_checkpoint)
+    if args.sync_bn and accelerator.num_processes > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.channels_last is None:
+        args.channels_last = accelerator.device.type == "cpu"
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    _logger.info("model %s: %.2fM parameters", args.model, sum(p.numel() for p in model.parameters()) / 1e6)
+
+    data_config = resolve_data_config(
+        {
+            "input_size": tuple(args.input_size) if args.input_size else None,
+            "mean": tuple(args.mean) if args.mean else None,
+            "std": tuple(args.std) if args.std else None,
+            "crop_pct": args.crop_pct,
+            "interpolation": args.interpolation,
+        },
+        model=model,
+    )
+    hflip = args.hflip if args.hflip is not None else (0.0 if data.name == DIGITS else 0.5)
+    aug = resolve_aug(args.aug, data_config)
+    mode = "L" if data_config["input_size"][0] == 1 else "RGB"
+    train_tf = build_transforms(
+        data_config,
+        True,
+        aug=aug,
+        hflip=hflip,
+        crop_padding=args.crop_padding,
+        scale=tuple(args.scale) if args.scale else None,
+        ratio=tuple(args.ratio) if args.ratio else None,
+        color_jitter=args.color_jitter,
+    )
+    test_tf = build_transforms(data_config, False)
+    workers = args.workers
+    if workers is None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        per_process = max(1, (os.cpu_count() or 1) // max(1, local_processes))
+        workers = 0 if device.type == "cpu" else min(8, per_process)
+    pin = device.type == "cuda"
+    train_loader = DataLoader(
+        TorchImageDataset(data.train, data.image_column, data.label_column, train_tf, mode),
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        **loader_kwargs(workers, pin),
+    )
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise SystemExit(
+            f"--batch-size {args.batch_size} is larger than the {len(data.train)} training images"
+        )
+    val_batch = args.validation_batch_size or args.batch_size
+    val_batch = -(-val_batch // accelerator.num_processes) * accelerator.num_processes
+    test_loader = DataLoader(
+        TorchImageDataset(data.test, data.image_column, data.label_column, test_tf, mode),
+        batch_size=val_batch,
+        shuffle=False,
+        **loader_kwargs(workers, pin),
+    )
+
+    # ---------------------------------------------------------------- optimizer, schedule, SVB
+    if args.opt.lower() == "sgd":
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=args.lr,
+            momentum=args.momentum,
+            nesterov=args.nesterov and args.momentum > 0,
+            weight_decay=args.weight_decay,
+        )
+    else:
+        from timm.optim import create_optimizer_v2  # noqa: PLC0415
+
+        optimizer = create_optimizer_v2(
+            model,
+            opt=args.opt,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            momentum=args.momentum,
+            filter_bias_and_bn=False,
+        )
+    scheduler = EpochLR(
+        optimizer,
+        sched=args.sched,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        epochs=args.epochs,
+        decay_stages=args.decay_stages,
+        warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr,
+    )
+    svb_settings = _svb_settings(args, model)
+    svb = None
+    svb_config = None
+    if svb_settings is not None:
+        every = parse_svb_every(args.svb_every, steps_per_epoch)
+        skip_last = args.svb_skip_last if args.svb_skip_last is not None else min(100, steps_per_epoch // 4)
+        svb = RecordingSVB(
+            model,
+            svb_settings["epsilon"],
+            svb_settings["bbn_epsilon"],
+            every,
+            steps_per_epoch=steps_per_epoch,
+            skip_last_steps=skip_last,
+            num_epochs=args.epochs,
+            skip_final_epoch=args.svb_skip_final_epoch,
+            exclude=tuple(args.svb_exclude or ()),
+            bbn_mode=args.bbn_mode,
+        )
+        svb_config = {**svb_settings, "every_n_steps": every}
+        svb_config_full = {
+            **svb_config,
+            "skip_last_steps": skip_last,
+            "skip_final_epoch": args.svb_skip_final_epoch,
+        }
+
+    model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, test_loader, scheduler
+    )
+    if len(train_loader) != steps_per_epoch:
+        raise RuntimeError(f"prepared loader has {len(train_loader)} batches, expected {steps_per_epoch}")
+    run_state = RunState()
+    accelerator.register_for_checkpointing(run_state)
+    svb_steps: list[int] = []
+    if svb is not None:
+        svb.attach(optimizer)
+        accelerator.register_for_checkpointing(svb)
+        svb_steps = svb_apply_steps(svb, steps_per_epoch * args.epochs)
+        _logger.info(
+            "SVB eps %g, BBN %s: every %d steps (epoch = %d steps), not in the last %d steps of an epoch%s: "
+            "%d times in %d epochs",
+            svb.epsilon,
+            "off" if svb.bbn_epsilon is None else f"eps {svb.bbn_epsilon:g} ({svb.bbn_mode})",
+            svb.every_n_steps,
+            steps_per_epoch,
+            svb.skip_last_steps,
+            ", not in the final epoch" if svb.skip_final_epoch else "",
+            len(svb_steps),
+            args.epochs,
+        )
+        if not svb_steps and args.epochs > 1:
+            _logger.warning("SVB is on but its schedule never fires: check --svb-every / --svb-skip-last")
+
+    if resume_from is not None:
+        _logger.info("resuming from %s", resume_from)
+        accelerator.load_state(str(resume_from))
+    start_epoch = run_state.epoch
+
+    # ---------------------------------------------------------------- run record
+    unwrapped = accelerator.unwrap_model(model)
+    pretrained_cfg = dict(getattr(unwrapped, "pretrained_cfg", {}) or {})
+    pretrained_cfg.update(data_config)
+    pretrained_cfg["num_classes"] = num_classes
+    recipe = {k: v for k, v in vars(args).items()}
+    recipe.update(
+        hflip=hflip,
+        aug=aug,
+        workers=workers,
+        num_processes=accelerator.num_processes,
+        mixed_precision=str(accelerator.mixed_precision),
+        steps_per_epoch=steps_per_epoch,
+        svb=svb_config_full if svb is not None else None,
+    )
+    run: dict[str, Any] = {
+        "model": args.model,
+        "model_kwargs": model_kwargs,
+        "num_classes": num_classes,
+        "svb_config": svb_config,
+        "dataset": data.describe(),
+        "recipe": recipe,
+        "metrics": {"best": None, "final": None},
+        "pretrained_cfg": pretrained_cfg,
+        "timm_svb_version": timm_svb.__version__,
+        "status": "running",
+        "epochs": args.epochs,
+        "completed_epochs": start_epoch,
+    }
+
+    def write_record(status: str) -> None:
+        run["status"] = status
+        run["completed_epochs"] = run_state.epoch
+        run["metrics"] = {
+            "best": run_state.best,
+            "final": (
+                {k: run_state.history[-1][k] for k in ("epoch", "top1_err", "top5_err")}
+                if run_state.history
+                else None
+            ),
+        }
+        write_run_json(run_dir / "run.json", run)
+        write_summary(run_dir / "summary.csv", run_state.history)
+
+    if accelerator.is_main_process:
+        with open(run_dir / "args.yaml", "w", encoding="utf-8") as f:
+            yaml.safe_dump(
+                {k: v for k, v in vars(args).items() if k not in ("config", "resume")}, f, sort_keys=False
+            )
+        if (
+            resume_from is not None
+            and run_state.best is not None
+            and run_state.best["epoch"] == run_state.epoch
+        ):
+            save_weights(unwrapped, run_dir / "model_best.safetensors")  # the save may have been cut short
+        write_record("running")
+    if _trackers(args.log_with):
+        accelerator.init_trackers("logs", config=_flat_hparams(recipe))
+
+    # ---------------------------------------------------------------- epochs
+    stop_at = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
+    for epoch in range(start_epoch, stop_at):
+        train_loader.set_epoch(epoch)
+        lr = scheduler.get_last_lr()[0]
+        applied_before = svb.num_applied if svb is not None else 0
+        if svb is not None:
+            svb.last_stats, svb.seconds = None, 0.0
+        train = train_one_epoch(
+            model,
+            train_loader,
+            optimizer,
+            accelerator,
+            epoch=epoch,
+            grad_accum_steps=args.grad_accum_steps,
+            smoothing=args.smoothing,
+            clip_grad=args.clip_grad,
+            channels_last=args.channels_last,
+            progress=args.progress,
+            log_interval=args.log_interval,
+        )
+        if accelerator.num_processes > 1 and args.dist_bn != "none":
+            timm.utils.distribute_bn(model, accelerator.num_processes, reduce=args.dist_bn == "reduce")
+        metrics = evaluate(model, test_loader, accelerator, channels_last=args.channels_last)
+        scheduler.step()
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": train.loss,
+            "test_loss": metrics["loss"],
+            "top1_err": metrics["top1_err"],
+            "top5_err": metrics["top5_err"],
+            "images_per_s": train.images_per_s,
+            "epoch_s": train.seconds,
+        }
+        if svb is not None:
+            stats = svb.last_stats
+            row.update(
+                svb_applied=svb.num_applied - applied_before,
+                svb_applied_total=svb.num_applied,
+                svb_s=svb.seconds,
+                svb_clipped=stats.clipped if stats else None,
+                svb_sv_min=stats.sv_min if stats else None,
+                svb_sv_max=stats.sv_max if stats else None,
+                bbn_clipped=stats.bn_clipped if stats else None,
+            )
+        is_best = run_state.record(row)
+        save_checkpoint(accelerator, run_dir, epoch + 1, args.checkpoint_hist)
+        if accelerator.is_main_process:
+            if is_best:
+                save_weights(unwrapped, run_dir / "model_best.safetensors")
+            write_record("running")
+        accelerator.log(
+            {
+                "train/loss": train.loss,
+                "train/lr": lr,
+                "train/images_per_s": train.images_per_s,
+                "test/top1_err": metrics["top1_err"],
+                "test/top5_err": metrics["top5_err"],
+                "test/loss": metrics["loss"],
+                **(
+                    {
+                        "svb/applied": row["svb_applied"],
+                        **(svb.last_stats.to_dict() if svb.last_stats else {}),
+                    }
+                    if svb is not None
+                    else {}
+                ),
+            },
+            step=epoch + 1,
+        )
+        svb_text = ""
+        if svb is not None and row["svb_applied"]:
+            svb_text = f"  SVB x{row['svb_applied']} ({_describe_svb(svb.last_stats)}, {svb.seconds:.2f}s)"
+        _logger.info(
+            "epoch %d/%d  lr %.4g  train loss %.4f  test top-1 err %.2f%%  top-5 err %.2f%%  %.0f img/s%s",
+            epoch + 1,
+            args.epochs,
+            lr,
+            train.loss,
+            metrics["top1_err"],
+            metrics["top5_err"],
+            train.images_per_s,
+            svb_text,
+        )
+
+    finished = run_state.epoch >= args.epochs
+    if accelerator.is_main_process:
+        if finished:
+            save_weights(unwrapped, run_dir / "model_final.safetensors")
+        write_record("finished" if finished else "stopped")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if finished and run_state.history:
+        final, best = run_state.history[-1], run_state.best
+        accelerator.print(
+            f"test error after {args.epochs} epochs: top-1 {final['top1_err']:.2f}%, "
+            f"top-5 {final['top5_err']:.2f}% "
+            f"(best: top-1 {best['top1_err']:.2f}% at epoch {best['epoch']})"
+        )
+    elif not finished:
+        accelerator.print(f"stopped after epoch {run_state.epoch} of {args.epochs}; continue with --resume")
+    accelerator.print(f"run folder: {run_dir}")
+    sys.stdout.flush()
+    return TrainResult(
+        run_dir=run_dir,
+        model=unwrapped,
+        svb=svb,
+        state=run_state,
+        finished=finished,
+        svb_steps=svb_steps,
+        run=run,
+    )
