@@ -53,6 +53,13 @@ def _model(name: str) -> nn.Module:
     return timm.create_model(name)
 
 
+@pytest.fixture(scope='module', autouse=True)
+def _release_models():
+    """Free the cached models (a few GB) once this module is done."""
+    yield
+    _model.cache_clear()
+
+
 def _weight_layers(model: nn.Module, projections: bool = True) -> list[tuple[str, nn.Module]]:
     return [
         (n, m) for n, m in model.named_modules()
@@ -149,7 +156,7 @@ def test_head_and_reset_classifier(name: str):
     x = torch.randn(2, *_input_size(name, small=True))
     with torch.no_grad():
         feats = model.forward_features(x)
-        assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features)
+        assert model.forward_head(feats, pre_logits=True).shape == (2, model.head_hidden_size)
         assert model.get_classifier().out_features == model.num_classes
         model.reset_classifier(7)
         assert model(x).shape == (2, 7) and model.get_classifier().out_features == 7

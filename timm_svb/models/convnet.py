@@ -69,9 +69,10 @@ class ConvNet(nn.Module):
             self.feature_info.append(dict(num_chs=chs, reduction=reduction, module=f'stages.{stage_idx}'))
         self.stages = nn.Sequential(*stages)
 
-        self.num_features = self.head_hidden_size = prev_chs
+        self.num_features = prev_chs
         self.global_pool, self.fc = create_classifier(
             self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
         self.init_weights()
 

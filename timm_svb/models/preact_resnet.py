@@ -121,10 +121,11 @@ class PreActResNet(nn.Module):
             self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'stages.{stage_idx}'))
         self.stages = nn.Sequential(*stages)
 
-        self.num_features = self.head_hidden_size = prev_chs
+        self.num_features = prev_chs
         self.norm = BatchNormAct2d(self.num_features, **dd)
         self.global_pool, self.fc = create_classifier(
             self.num_features, num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
         self.init_weights()
 
