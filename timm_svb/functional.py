@@ -317,7 +317,8 @@ def orthogonal_init_(module: nn.Module, generator: torch.Generator | None = None
 
 def _random_semi_orthogonal(rows: int, cols: int, generator: torch.Generator | None) -> torch.Tensor:
     """A ``rows x cols`` matrix with orthonormal rows or columns, Haar-distributed (QR with sign fix)."""
-    flat = torch.randn(max(rows, cols), min(rows, cols), generator=generator, dtype=torch.float64)
+    # float32 Householder QR: orthonormal to ~1e-6, at half the cost of float64 on the widest layers
+    flat = torch.randn(max(rows, cols), min(rows, cols), generator=generator)
     q, r = torch.linalg.qr(flat)
     q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
-    return (q if rows >= cols else q.T).float()
+    return q if rows >= cols else q.T
