@@ -110,7 +110,14 @@ def digits_dataset() -> Any:
     same on every machine.
     """
     import datasets  # noqa: PLC0415  (slow import, only when needed)
-    from sklearn.datasets import load_digits  # noqa: PLC0415
+
+    try:
+        from sklearn.datasets import load_digits  # noqa: PLC0415
+    except ImportError as e:
+        raise DataError(
+            "the sklearn-digits data set comes with scikit-learn: pip install scikit-learn "
+            "(or choose another --dataset)"
+        ) from e
 
     digits = load_digits()
     pixels = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)

@@ -59,6 +59,8 @@ def lr_at_epoch(
     if sched == "const":
         return lr
     if sched == "exp":
+        if lr <= 0 or min_lr <= 0:
+            raise ValueError(f"the exp schedule needs --lr and --min-lr > 0, got {lr} and {min_lr}")
         stage = min(epoch * decay_stages // epochs, decay_stages - 1)
         if decay_stages == 1:
             return lr

@@ -172,8 +172,8 @@ def save_checkpoint(accelerator: Any, run_dir: Path, epoch: int, keep: int) -> P
     tmp = folder / f".tmp-epoch_{epoch:04d}"
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for stale in folder.glob(".tmp-epoch_*"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()

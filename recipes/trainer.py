@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -166,6 +167,38 @@ def _svb_settings(args: Any, model: nn.Module) -> dict[str, Any] | None:
     return {"epsilon": float(epsilon), "bbn_epsilon": None if bbn is None else float(bbn)}
 
 
+def _warn_if_recipe_differs(run_dir: Path, args: Any) -> None:
+    """A resumed run should keep its recipe: warn about settings that differ from its ``run.json``."""
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return
+    recipe = json.loads(path.read_text(encoding="utf-8")).get("recipe", {})
+    keys = (
+        "model",
+        "dataset",
+        "epochs",
+        "batch_size",
+        "lr",
+        "min_lr",
+        "sched",
+        "decay_stages",
+        "weight_decay",
+        "svb_epsilon",
+        "bbn_epsilon",
+        "no_svb",
+        "no_bbn",
+        "svb_every",
+        "seed",
+    )
+    changed = [
+        f"{k}: {recipe[k]!r} -> {getattr(args, k)!r}"
+        for k in keys
+        if k in recipe and recipe[k] != getattr(args, k)
+    ]
+    if changed:
+        _logger.warning("resuming with settings that differ from the run's: %s", "; ".join(changed))
+
+
 def _flat_hparams(config: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in config.items():
@@ -223,6 +256,7 @@ def fit(args: Any) -> TrainResult:
     state = PartialState(cpu=cpu)
     _setup_logging(state.is_main_process)
     run_dir, resume_from = _run_dir(args, state)
+    state.wait_for_everyone()  # every process has looked at the run folder before the main one writes to it
 
     if args.batch_size % (state.num_processes * args.grad_accum_steps):
         raise SystemExit(
@@ -429,6 +463,7 @@ def fit(args: Any) -> TrainResult:
 
     if resume_from is not None:
         _logger.info("resuming from %s", resume_from)
+        _warn_if_recipe_differs(run_dir, args)
         accelerator.load_state(str(resume_from))
     start_epoch = run_state.epoch
 

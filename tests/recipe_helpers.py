@@ -1,0 +1,54 @@
+"""Shared helpers of the recipe tests (tests/test_recipe*.py): run recipes/train.py in this process."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+if str(RECIPES) not in sys.path:
+    sys.path.insert(0, str(RECIPES))
+
+import data as recipe_data  # noqa: E402
+import engine as recipe_engine  # noqa: E402
+import options as recipe_options  # noqa: E402
+import train  # noqa: E402
+
+__all__ = [
+    "FAST",
+    "RECIPES",
+    "REPO",
+    "make_data",
+    "recipe_data",
+    "recipe_engine",
+    "recipe_options",
+    "run_recipe",
+]
+
+# small, fast and deterministic: no workers, no progress bars, no trackers
+FAST = ["--workers", "0", "--no-progress", "--log-with", "none"]
+
+
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide state so the next Accelerator can take other settings."""
+    from accelerate.state import AcceleratorState, GradientState  # noqa: PLC0415
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_recipe(argv: list[str]) -> Any:
+    """``recipes/train.py ARGV`` in this process; returns its ``TrainResult``."""
+    reset_accelerate()
+    try:
+        return train.main([*argv, *FAST])
+    finally:
+        reset_accelerate()
+
+
+def make_data(path: Path, **kwargs: Any) -> Path:
+    """A generated image-classification data set saved to ``path`` (see ``data.make_synthetic_dataset``)."""
+    recipe_data.make_synthetic_dataset(path, **kwargs)
+    return path

@@ -1,0 +1,352 @@
+"""recipes/train.py on the CPU without network: generated data, the run-folder contract, resume, schedules."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import torch
+from recipe_helpers import RECIPES, make_data, recipe_data, recipe_engine, recipe_options, run_recipe
+
+import timm_svb  # noqa: F401  (registers the zoo)
+
+DIGITS, DataError = recipe_data.DIGITS, recipe_data.DataError
+build_test_loader, digits_dataset = recipe_data.build_test_loader, recipe_data.digits_dataset
+load_image_dataset = recipe_data.load_image_dataset
+EpochLR, evaluate, lr_at_epoch = recipe_engine.EpochLR, recipe_engine.evaluate, recipe_engine.lr_at_epoch
+parse_svb_every, parse_args = recipe_engine.parse_svb_every, recipe_options.parse_args
+
+RUN_KEYS = {
+    "model",
+    "model_kwargs",
+    "num_classes",
+    "svb_config",
+    "dataset",
+    "recipe",
+    "metrics",
+    "pretrained_cfg",
+    "timm_svb_version",
+}
+TIMING = {"images_per_s", "epoch_s", "svb_s"}
+
+
+@pytest.fixture(scope="module")
+def cifar_like(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data(tmp_path_factory.mktemp("data") / "cifar_like", num_train=16, num_test=8, num_classes=4)
+
+
+def read_summary(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "summary.csv", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(str(path))
+
+
+# ------------------------------------------------------------------------------------------- schedules
+
+
+def reference_lr(epoch: int) -> float:
+    """The reference's exp regime, written out: 80 log-spaced rates 0.5 -> 0.001, each for 2 of 160 epochs."""
+    return float(np.logspace(np.log10(0.5), np.log10(0.001), 80)[epoch // 2])
+
+
+@pytest.mark.parametrize("epoch", [0, 1, 2, 3, 17, 40, 79, 80, 121, 158, 159])
+def test_lr_schedule_matches_reference(epoch: int) -> None:
+    assert lr_at_epoch(
+        epoch, sched="exp", lr=0.5, min_lr=0.001, epochs=160, decay_stages=80
+    ) == pytest.approx(reference_lr(epoch), rel=1e-12)
+
+
+def test_epoch_scheduler_steps_once_per_epoch() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=123.0)
+    scheduler = EpochLR(optimizer, sched="exp", lr=0.5, min_lr=0.001, epochs=160, decay_stages=80)
+    seen = []
+    for _ in range(160):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([reference_lr(e) for e in range(160)], rel=1e-12)
+    assert seen[0] == 0.5 and seen[-1] == pytest.approx(0.001)
+    # ImageNet (Table 4): the same shape from 0.045
+    assert lr_at_epoch(0, lr=0.045, epochs=160) == 0.045
+    assert lr_at_epoch(159, lr=0.045, epochs=160) == pytest.approx(0.001)
+
+
+def test_svb_every_parsing() -> None:
+    assert parse_svb_every("1ep", 390) == 391  # the reference's svb_iter for CIFAR at batch 128
+    assert parse_svb_every("2ep", 390) == 782
+    assert parse_svb_every("391", 390) == 391
+    assert parse_svb_every(50, 390) == 50
+    for bad in ("0", "-3ep", "often"):
+        with pytest.raises(ValueError):
+            parse_svb_every(bad, 390)
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+
+CONFIGS = sorted((RECIPES / "configs").glob("*.yaml"))
+
+
+def test_every_paper_recipe_is_there() -> None:
+    names = {p.stem for p in CONFIGS}
+    for prefix in ("fig2_convnet20", "fig2_convnet38"):
+        assert {f"{prefix}_sgd", f"{prefix}_svb", f"{prefix}_svb_bbn"} <= names
+    assert {f"table1_preact_resnet68_{s}" for s in ("sgd_bn", "svb_bn", "svb_bbn")} <= names
+    assert {
+        f"table2_wrn28_10_{d}_{s}" for d in ("cifar10", "cifar100") for s in ("sgd_bn", "svb_bbn")
+    } <= names
+    assert {f"table3_wrn28_{w}_{d}" for w in (10, 16) for d in ("cifar10", "cifar100")} <= names
+    assert {"table4_inception_resnet_v2_sgd", "table4_inception_resnet_v2_svb"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_config_parses_with_reference_settings(config: Path) -> None:
+    args = parse_args(["-c", str(config)])
+    assert timm.is_model(args.model), args.model
+    assert (args.opt, args.momentum, args.nesterov, args.weight_decay) == ("sgd", 0.9, True, 1e-4)
+    assert (args.sched, args.min_lr, args.decay_stages) == ("exp", 0.001, 80)
+    if config.stem.startswith("table4"):
+        assert (args.lr, args.epochs, args.batch_size, args.dataset) == (
+            0.045,
+            160,
+            128,
+            "ILSVRC/imagenet-1k",
+        )
+    elif config.stem.startswith("table3"):
+        assert (args.lr, args.epochs, args.bbn_epsilon) == (0.5, 300, 0.2)
+        assert args.batch_size == (
+            64 if "cifar10_" in config.stem + "_" and "cifar100" not in config.stem else 128
+        )
+    else:
+        assert (args.lr, args.epochs, args.batch_size) == (0.5, 160, 128)
+    if args.no_svb:
+        assert not args.model.endswith("_svb") and args.init == "orthogonal"
+    else:
+        assert args.model.endswith("_svb") and (args.svb_every, args.svb_skip_last) == ("1ep", 100)
+    # every field is overridable from the command line
+    override = parse_args(["-c", str(config), "--lr", "0.1", "--epochs", "3", "--svb-epsilon", "0.2"])
+    assert (override.lr, override.epochs, override.svb_epsilon) == (0.1, 3, 0.2)
+
+
+def test_config_rejects_unknown_keys(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 0.1\nlearning_rate: 0.2\n")
+    with pytest.raises(SystemExit, match="learning_rate"):
+        parse_args(["-c", str(bad)])
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def test_digits_dataset_is_fixed() -> None:
+    dsd = digits_dataset()
+    assert (len(dsd["train"]), len(dsd["test"])) == (1437, 360)
+    image = dsd["test"][0]["image"]
+    assert image.size == (32, 32) and image.mode == "RGB"
+    assert dsd["train"].features["label"].names == [str(i) for i in range(10)]
+    digits_dataset.cache_clear()
+    again = digits_dataset()
+    assert dsd["test"]["label"] == again["test"]["label"]
+    assert np.array_equal(np.asarray(again["test"][5]["image"]), np.asarray(dsd["test"][5]["image"]))
+
+
+def test_unreachable_hub_dataset_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="--data-dir"):
+        load_image_dataset("uoft-cs/cifar10")
+
+
+def test_malformed_datasets_are_explained(tmp_path: Path) -> None:
+    import datasets
+
+    no_label = datasets.DatasetDict(
+        {
+            s: datasets.Dataset.from_dict(
+                {"image": [np.zeros((4, 4, 3), np.uint8)] * 2, "note": ["a", "b"]},
+                features=datasets.Features({"image": datasets.Image(), "note": datasets.Value("string")}),
+            )
+            for s in ("train", "test")
+        }
+    )
+    no_label.save_to_disk(str(tmp_path / "no_label"))
+    with pytest.raises(DataError, match="--label-column"):
+        load_image_dataset("x", tmp_path / "no_label")
+    only_train = datasets.DatasetDict({"train": no_label["train"]})
+    only_train.save_to_disk(str(tmp_path / "only_train"))
+    with pytest.raises(DataError, match="--val-split"):
+        load_image_dataset("x", tmp_path / "only_train")
+    with pytest.raises(DataError, match="does not exist"):
+        load_image_dataset("x", tmp_path / "missing")
+
+
+def test_imagefolder_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets.config
+    from PIL import Image
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            folder = tmp_path / "tree" / split / label
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (12, 10), (i * 50, 80, 160)).save(folder / f"{i}.png")
+    data = load_image_dataset("my-pets", tmp_path / "tree")
+    assert (data.image_column, data.label_column, data.label_names) == ("image", "label", ["cat", "dog"])
+    assert (len(data.train), len(data.test), data.test_split) == (4, 4, "test")
+
+
+# ------------------------------------------------------------------------------------------- training
+
+
+def test_cifar_model_trains_and_fills_the_run_folder(tmp_path: Path, cifar_like: Path) -> None:
+    out = tmp_path / "run"
+    args = "--model convnet20_svb --dataset generated-cifar --epochs 2 --batch-size 8 --lr 0.05"
+    args += " --svb-every 2 --svb-skip-last 0"
+    result = run_recipe([*args.split(), "--data-dir", str(cifar_like), "--output", str(out)])
+    run = json.loads((out / "run.json").read_text())
+    assert RUN_KEYS <= set(run)
+    assert run["model"] == "convnet20_svb" and run["num_classes"] == 4
+    assert run["svb_config"] == {"epsilon": 0.5, "bbn_epsilon": 1.0, "every_n_steps": 2}
+    assert run["dataset"]["name"] == "generated-cifar" and run["dataset"]["num_test_images"] == 8
+    assert run["dataset"]["label_names"] == [f"class{i}" for i in range(4)]
+    assert run["pretrained_cfg"]["input_size"] == [3, 32, 32] and run["pretrained_cfg"]["crop_pct"] == 1.0
+    assert run["recipe"]["aug"] == "cifar" and run["recipe"]["epochs"] == 2 and run["status"] == "finished"
+    for which in ("best", "final"):
+        assert set(run["metrics"][which]) == {"epoch", "top1_err", "top5_err"}
+    assert run["metrics"]["final"]["epoch"] == 2
+    # 2 steps per epoch; bounding after steps 2 and 4, but not in the final epoch (step 4)
+    assert result.svb_steps == [2] and result.svb.num_applied == 1
+    rows = read_summary(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(
+        [lr_at_epoch(e, lr=0.05, epochs=2) for e in (0, 1)], rel=1e-5
+    )
+    assert [int(r["svb_applied"]) for r in rows] == [1, 0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001", "epoch_0002"]
+    # the weights load into timm.create_model(run["model"], **run["model_kwargs"]), re-evaluate to the record
+    model = timm.create_model(run["model"], **run["model_kwargs"])
+    model.load_state_dict(load_weights(out / "model_final.safetensors"), strict=True)
+    assert all(torch.equal(v, result.model.state_dict()[k]) for k, v in model.state_dict().items())
+    metrics = evaluate(model, build_test_loader(run, batch_size=3))
+    assert metrics["top1_err"] == pytest.approx(run["metrics"]["final"]["top1_err"])
+    assert metrics["top5_err"] == pytest.approx(run["metrics"]["final"]["top5_err"])
+    best = timm.create_model(run["model"], **run["model_kwargs"])
+    best.load_state_dict(load_weights(out / "model_best.safetensors"), strict=True)
+    # a finished run is not overwritten by accident
+    with pytest.raises(SystemExit, match="--resume"):
+        run_recipe(["--data-dir", str(cifar_like), "--output", str(out)])
+
+
+def test_small_299_input_model(tmp_path: Path) -> None:
+    data = make_data(tmp_path / "big", num_train=8, num_test=4, num_classes=3, image_size=(40, 48))
+    out = tmp_path / "run"
+    args = "--model test_resnet --input-size 3 299 299 --crop-pct 0.8975 --epochs 1 --batch-size 4 --lr 0.01"
+    args += " --svb-epsilon 0.5 --bbn-epsilon 1 --svb-every 1 --svb-skip-last 0 --no-svb-skip-final-epoch"
+    args += " --checkpoint-hist 0"
+    result = run_recipe([*args.split(), "--data-dir", str(data), "--output", str(out)])
+    run = json.loads((out / "run.json").read_text())
+    assert run["recipe"]["aug"] == "inception"
+    assert (
+        run["pretrained_cfg"]["input_size"] == [3, 299, 299] and run["pretrained_cfg"]["crop_pct"] == 0.8975
+    )
+    assert run["svb_config"]["epsilon"] == 0.5 and run["svb_config"]["bbn_epsilon"] == 1.0
+    assert result.svb.num_applied == 2
+    loader = build_test_loader(run)
+    x, _ = next(iter(loader))
+    assert tuple(x.shape[1:]) == (3, 299, 299)
+    assert not (out / "checkpoints").exists()
+
+
+def test_resume_gives_the_same_weights(tmp_path: Path, cifar_like: Path) -> None:
+    args = "--model convnet20_svb --epochs 2 --batch-size 8 --lr 0.05 --seed 7"
+    args += " --svb-every 3 --svb-skip-last 0 --no-svb-skip-final-epoch"
+    common = [*args.split(), "--data-dir", str(cifar_like)]
+    straight = run_recipe([*common, "--output", str(tmp_path / "a")])
+    first = run_recipe([*common, "--output", str(tmp_path / "b"), "--stop-after", "1"])
+    assert not first.finished and not (tmp_path / "b" / "model_final.safetensors").exists()
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["status"] == "stopped"
+    # a save killed half-way leaves a temporary folder, never a checkpoint: resuming ignores it
+    junk = tmp_path / "b" / "checkpoints" / ".tmp-epoch_0002"
+    junk.mkdir()
+    (junk / "model.safetensors").write_bytes(b"half a file")
+    resumed = run_recipe([*common, "--output", str(tmp_path / "b"), "--resume"])
+    assert not junk.exists()
+    assert resumed.finished and straight.svb.num_applied == resumed.svb.num_applied == 1  # after step 3
+    a = load_weights(tmp_path / "a" / "model_final.safetensors")
+    b = load_weights(tmp_path / "b" / "model_final.safetensors")
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    rows_a, rows_b = read_summary(tmp_path / "a"), read_summary(tmp_path / "b")
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in rows_a] == [
+        {k: v for k, v in r.items() if k not in TIMING} for r in rows_b
+    ]
+
+
+def test_data_set_name_is_recorded_for_the_digits(tmp_path: Path) -> None:
+    """The digits need no data dir: the publisher rebuilds the test loader from the name alone."""
+    run = {
+        "dataset": {
+            "name": DIGITS,
+            "test_split": "test",
+            "num_test_images": 360,
+            "label_names": [str(i) for i in range(10)],
+        },
+        "pretrained_cfg": timm.create_model("convnet20_svb").pretrained_cfg,
+    }
+    loader = build_test_loader(run, batch_size=360)
+    x, y = next(iter(loader))
+    assert tuple(x.shape) == (360, 3, 32, 32) and sorted(set(y.tolist())) == list(range(10))
+
+
+def test_bf16_autocast_and_gradient_accumulation(tmp_path: Path, cifar_like: Path) -> None:
+    args = "--model convnet20_svb --epochs 1 --batch-size 8 --grad-accum-steps 2 --mixed-precision bf16"
+    args += " --svb-every 1 --svb-skip-last 0 --no-svb-skip-final-epoch --checkpoint-hist 0 --lr 0.05"
+    result = run_recipe([*args.split(), "--data-dir", str(cifar_like), "--output", str(tmp_path / "run")])
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["recipe"]["mixed_precision"] == "bf16"
+    # 2 batches of 8, each 2 accumulated micro-batches of 4: 2 optimizer steps, SVB after each
+    assert result.svb.step == 2 and result.svb.num_applied == 2
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # SVB bounds float32 weights
+
+
+def test_fine_tune_from_initial_checkpoint(tmp_path: Path, cifar_like: Path) -> None:
+    first = run_recipe(
+        [
+            *"--epochs 1 --batch-size 8 --checkpoint-hist 0 --no-svb".split(),
+            "--data-dir",
+            str(cifar_like),
+            "--output",
+            str(tmp_path / "a"),
+        ]
+    )
+    assert first.svb is None and json.loads((tmp_path / "a" / "run.json").read_text())["svb_config"] is None
+    args = "--epochs 1 --batch-size 8 --checkpoint-hist 0 --num-classes 6 --lr 0 --sched const --no-svb"
+    tuned = run_recipe(
+        [
+            *args.split(),
+            "--initial-checkpoint",
+            str(tmp_path / "a" / "model_final.safetensors"),
+            "--data-dir",
+            str(cifar_like),
+            "--output",
+            str(tmp_path / "b"),
+        ]
+    )
+    assert tuned.model.num_classes == 6
+    before = load_weights(tmp_path / "a" / "model_final.safetensors")
+    after = tuned.model.state_dict()
+    # lr 0: the convolutions are the checkpoint's (BN statistics moved on); the new classifier has 6 outputs
+    assert torch.equal(before["stem.conv.weight"], after["stem.conv.weight"].contiguous())
+    assert after["fc.weight"].shape[0] == 6

@@ -1,0 +1,44 @@
+"""The README's main command: ``python recipes/train.py`` with no arguments, no network, on the CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from recipe_helpers import RECIPES
+
+
+@pytest.mark.slow
+def test_embedded_default_learns_the_digits(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, str(RECIPES / "train.py"), "--no-progress"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    match = re.search(r"^run folder: (\S+)$", done.stdout, re.MULTILINE)
+    assert match, done.stdout
+    run_dir = tmp_path / match.group(1)
+    assert run_dir.parent == tmp_path / "runs" and run_dir.name.endswith("-convnet20_svb")
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["model"] == "convnet20_svb" and run["dataset"]["name"] == "sklearn-digits"
+    assert run["status"] == "finished" and run["svb_config"]["epsilon"] == 0.5
+    accuracy = 100 - run["metrics"]["final"]["top1_err"]
+    assert accuracy >= 90, f"test accuracy {accuracy:.2f}%"
+    assert f"top-1 {run['metrics']['final']['top1_err']:.2f}%" in done.stdout
+    for name in ("model_best.safetensors", "model_final.safetensors", "summary.csv"):
+        assert (run_dir / name).is_file()
+    with open(run_dir / "summary.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == run["recipe"]["epochs"]
+    assert int(rows[-1]["svb_applied_total"]) >= 1  # SVB + BBN ran (once an epoch, not in the final one)
