@@ -1,4 +1,5 @@
 """Helpers shared by the model families: data set cfgs, ``svb_config`` handling and the model builder."""
+
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -28,10 +29,16 @@ _SVB_KWARGS = {"svb_epsilon": "epsilon", "bbn_epsilon": "bbn_epsilon"}
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     """Pretrained cfg defaults (ImageNet, 224x224), overridden by ``kwargs``."""
     return {
-        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
-        "crop_pct": 0.875, "interpolation": "bilinear",
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "license": "apache-2.0", "paper_ids": SVB_PAPER_ID, "paper_name": SVB_PAPER_NAME,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "license": "apache-2.0",
+        "paper_ids": SVB_PAPER_ID,
+        "paper_name": SVB_PAPER_NAME,
         **kwargs,
     }
 
@@ -63,7 +70,8 @@ def _svb_config(variant: str, kwargs: dict[str, Any]) -> dict[str, float] | None
     if not variant.endswith("_svb"):
         if overrides:
             raise TypeError(
-                f"{variant} is not an SVB variant, svb_epsilon / bbn_epsilon only apply to '{variant}_svb'")
+                f"{variant} is not an SVB variant, svb_epsilon / bbn_epsilon only apply to '{variant}_svb'"
+            )
         return None
     config = {**SVB_DEFAULTS, **overrides}
     for key, value in config.items():
@@ -76,7 +84,8 @@ def _check_pretrained(variant: str, kwargs: dict[str, Any]) -> None:
     """Raise a clear error for ``pretrained=True`` when no weight source exists (unpublished weights)."""
     try:
         cfg = resolve_pretrained_cfg(
-            variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")).to_dict()
+            variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
+        ).to_dict()
     except RuntimeError as e:  # unknown pretrained tag
         tag = kwargs.get("pretrained_cfg")
         name = f"{variant}.{tag}" if isinstance(tag, str) else variant
@@ -87,16 +96,18 @@ def _check_pretrained(variant: str, kwargs: dict[str, Any]) -> None:
 
 def _orthogonal(model_cls: Callable[..., ModelT]) -> Callable[..., ModelT]:
     """Wrap a model class so the instance is orthogonally initialised (before any weight loading)."""
+
     def _build(**kwargs: Any) -> ModelT:
         return orthogonal_init_(model_cls(**kwargs))
+
     return _build
 
 
 def build_svb_model(
-        model_cls: Callable[..., ModelT],
-        variant: str,
-        pretrained: bool = False,
-        **kwargs: Any,
+    model_cls: Callable[..., ModelT],
+    variant: str,
+    pretrained: bool = False,
+    **kwargs: Any,
 ) -> ModelT:
     """``build_model_with_cfg`` for baselines and ``_svb`` variants.
 
@@ -110,6 +121,7 @@ def build_svb_model(
         _check_pretrained(variant, kwargs)
         kwargs = with_verified_weights(variant, kwargs)  # record weights: sha256-checked safetensors file
     model = build_model_with_cfg(
-        model_cls if svb_config is None else _orthogonal(model_cls), variant, pretrained, **kwargs)
+        model_cls if svb_config is None else _orthogonal(model_cls), variant, pretrained, **kwargs
+    )
     model.svb_config = svb_config
     return model

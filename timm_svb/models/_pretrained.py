@@ -3,6 +3,7 @@
 Only weights listed in ``published.json`` (filled by the hub publisher) get an ``hf_hub_id``, so only
 those are announced by ``timm.list_pretrained()``; every other ``model.tag`` cfg carries no weight source.
 """
+
 import hashlib
 import json
 import os
@@ -81,7 +82,8 @@ def verified_weights_file(name: str, cache_dir: str | os.PathLike[str] | None = 
 
     entry = PUBLISHED[name]
     path = hf_hub_download(
-        entry["hf_hub_id"], WEIGHTS_FILENAME, revision=entry["revision"], cache_dir=cache_dir)
+        entry["hf_hub_id"], WEIGHTS_FILENAME, revision=entry["revision"], cache_dir=cache_dir
+    )
     digest = file_sha256(path)
     if digest != entry["sha256"]:
         raise PretrainedWeightsIntegrityError(
@@ -121,8 +123,8 @@ def hub_cfg(name: str) -> dict[str, Any]:
 
 
 def pretrained_cfgs(
-        model_names: Iterable[str],
-        tag_cfgs: dict[str, dict[str, Any]],
+    model_names: Iterable[str],
+    tag_cfgs: dict[str, dict[str, Any]],
 ) -> dict[str, dict[str, Any]]:
     """Build ``generate_default_cfgs`` input: one ``model.tag`` cfg per model and data set tag.
 

@@ -6,6 +6,7 @@ global average pooling and a fully connected layer: 1 + 6X + 1 weight layers (X=
 
 Paper: `Improving training of deep neural networks via Singular Value Bounding` - https://arxiv.org/abs/1611.06013
 """
+
 from typing import Any
 
 import torch
@@ -18,23 +19,23 @@ from torch import nn
 from ._helpers import build_svb_model, cifar_cfgs, he_init_
 from ._pretrained import pretrained_cfgs
 
-__all__ = ['ConvNet']
+__all__ = ["ConvNet"]
 
 
 class ConvNet(nn.Module):
     """Plain (VGG-like, residual-free) ConvNet for 32x32 inputs."""
 
     def __init__(
-            self,
-            depth_x: int = 3,
-            channels: tuple[int, ...] = (16, 32, 64),
-            stem_chs: int = 16,
-            num_classes: int = 10,
-            in_chans: int = 3,
-            global_pool: str = 'avg',
-            drop_rate: float = 0.,
-            device: torch.device | str | None = None,
-            dtype: torch.dtype | None = None,
+        self,
+        depth_x: int = 3,
+        channels: tuple[int, ...] = (16, 32, 64),
+        stem_chs: int = 16,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """
         Args:
@@ -47,31 +48,36 @@ class ConvNet(nn.Module):
             drop_rate: Dropout before the classifier.
         """
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        dd = {"device": device, "dtype": dtype}
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
 
         self.stem = ConvNormAct(in_chans, stem_chs, 3, **dd)
-        self.feature_info = [dict(num_chs=stem_chs, reduction=1, module='stem')]
+        self.feature_info = [dict(num_chs=stem_chs, reduction=1, module="stem")]
         prev_chs = stem_chs
         reduction = 1
         stages = []
         for stage_idx, chs in enumerate(channels):
             stride = 1 if stage_idx == 0 else 2
             reduction *= stride
-            stages.append(nn.Sequential(*[
-                ConvNormAct(prev_chs if i == 0 else chs, chs, 3, stride=stride if i == 0 else 1, **dd)
-                for i in range(2 * depth_x)
-            ]))
+            stages.append(
+                nn.Sequential(
+                    *[
+                        ConvNormAct(prev_chs if i == 0 else chs, chs, 3, stride=stride if i == 0 else 1, **dd)
+                        for i in range(2 * depth_x)
+                    ]
+                )
+            )
             prev_chs = chs
-            self.feature_info.append(dict(num_chs=chs, reduction=reduction, module=f'stages.{stage_idx}'))
+            self.feature_info.append(dict(num_chs=chs, reduction=reduction, module=f"stages.{stage_idx}"))
         self.stages = nn.Sequential(*stages)
 
         self.num_features = prev_chs
         self.global_pool, self.fc = create_classifier(
-            self.num_features, num_classes, pool_type=global_pool, **dd)
+            self.num_features, num_classes, pool_type=global_pool, **dd
+        )
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
         self.init_weights()
@@ -84,7 +90,7 @@ class ConvNet(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Regexes grouping parameters (stem, blocks) for layer-wise optimiser settings."""
-        return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.(\d+)')
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -103,19 +109,20 @@ class ConvNet(nn.Module):
         if global_pool is None:
             global_pool = self.global_pool.pool_type
         self.global_pool, self.fc = create_classifier(
-            self.num_features, num_classes, pool_type=global_pool, **dd)
+            self.num_features, num_classes, pool_type=global_pool, **dd
+        )
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.global_pool.train(self.training)
         self.fc.train(self.training)
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Forward features and return intermediates (stem output, then each stage output).
 
@@ -127,7 +134,7 @@ class ConvNet(nn.Module):
             output_fmt: Shape of intermediate feature outputs, only 'NCHW'.
             intermediates_only: Only return intermediate features.
         """
-        assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
+        assert output_fmt == "NCHW", "Output shape must be NCHW."
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
         x = self.stem(x)
@@ -146,19 +153,19 @@ class ConvNet(nn.Module):
         return x, intermediates
 
     def prune_intermediate_layers(
-            self,
-            indices: int | list[int] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+        self,
+        indices: int | list[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
     ) -> list[int]:
         """Remove the layers after the last of ``indices`` (and the head if ``prune_head``)."""
         take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
         prune_end = max_index < len(self.stages)
         self.stages = self.stages[:max_index]
         if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
         if prune_head or prune_end:
-            self.reset_classifier(0, '')
+            self.reset_classifier(0, "")
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,39 +194,45 @@ class ConvNet(nn.Module):
 def _create_convnet(variant: str, pretrained: bool = False, **kwargs: Any) -> ConvNet:
     """Build a ConvNet variant (orthogonally initialised with ``svb_config`` for ``_svb`` names)."""
     return build_svb_model(
-        ConvNet, variant, pretrained,
-        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)), **kwargs)
+        ConvNet,
+        variant,
+        pretrained,
+        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
+        **kwargs,
+    )
 
 
-default_cfgs = generate_default_cfgs(pretrained_cfgs(
-    ('convnet20', 'convnet20_svb', 'convnet38', 'convnet38_svb'),
-    cifar_cfgs(first_conv='stem.conv', classifier='fc'),
-))
+default_cfgs = generate_default_cfgs(
+    pretrained_cfgs(
+        ("convnet20", "convnet20_svb", "convnet38", "convnet38_svb"),
+        cifar_cfgs(first_conv="stem.conv", classifier="fc"),
+    )
+)
 
 
 @register_model
 def convnet20(pretrained: bool = False, **kwargs: Any) -> ConvNet:
     """ConvNet with 20 weight layers (X=3), SGD baseline."""
     model_args = dict(depth_x=3)
-    return _create_convnet('convnet20', pretrained, **dict(model_args, **kwargs))
+    return _create_convnet("convnet20", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def convnet20_svb(pretrained: bool = False, **kwargs: Any) -> ConvNet:
     """ConvNet with 20 weight layers (X=3), orthogonal init, for SVB + BBN training."""
     model_args = dict(depth_x=3)
-    return _create_convnet('convnet20_svb', pretrained, **dict(model_args, **kwargs))
+    return _create_convnet("convnet20_svb", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def convnet38(pretrained: bool = False, **kwargs: Any) -> ConvNet:
     """ConvNet with 38 weight layers (X=6), SGD baseline."""
     model_args = dict(depth_x=6)
-    return _create_convnet('convnet38', pretrained, **dict(model_args, **kwargs))
+    return _create_convnet("convnet38", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def convnet38_svb(pretrained: bool = False, **kwargs: Any) -> ConvNet:
     """ConvNet with 38 weight layers (X=6), orthogonal init, for SVB + BBN training."""
     model_args = dict(depth_x=6)
-    return _create_convnet('convnet38_svb', pretrained, **dict(model_args, **kwargs))
+    return _create_convnet("convnet38_svb", pretrained, **dict(model_args, **kwargs))

@@ -13,6 +13,7 @@ Papers:
   - https://arxiv.org/abs/1602.07261
 * `Identity Mappings in Deep Residual Networks` - https://arxiv.org/abs/1603.05027
 """
+
 from collections.abc import Callable
 from typing import Any
 
@@ -27,12 +28,31 @@ from torch import nn
 from ._helpers import build_svb_model, he_init_, in1k_cfgs
 from ._pretrained import pretrained_cfgs
 
-__all__ = ['InceptionResnetV2PreAct']
+__all__ = ["InceptionResnetV2PreAct"]
 
 _KernelSize = int | tuple[int, int]
 
 
 def conv2d(
+    in_chs: int,
+    out_chs: int,
+    kernel_size: _KernelSize,
+    stride: int = 1,
+    padding: _KernelSize = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Conv2d:
+    """Conv without bias."""
+    return nn.Conv2d(
+        in_chs, out_chs, kernel_size, stride=stride, padding=padding, bias=False, device=device, dtype=dtype
+    )
+
+
+class PreActConv(nn.Module):
+    """BN-ReLU, then conv."""
+
+    def __init__(
+        self,
         in_chs: int,
         out_chs: int,
         kernel_size: _KernelSize,
@@ -40,27 +60,9 @@ def conv2d(
         padding: _KernelSize = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-) -> nn.Conv2d:
-    """Conv without bias."""
-    return nn.Conv2d(
-        in_chs, out_chs, kernel_size, stride=stride, padding=padding, bias=False, device=device, dtype=dtype)
-
-
-class PreActConv(nn.Module):
-    """BN-ReLU, then conv."""
-
-    def __init__(
-            self,
-            in_chs: int,
-            out_chs: int,
-            kernel_size: _KernelSize,
-            stride: int = 1,
-            padding: _KernelSize = 0,
-            device: torch.device | str | None = None,
-            dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        dd = {"device": device, "dtype": dtype}
         self.norm = BatchNormAct2d(in_chs, **dd)
         self.conv = conv2d(in_chs, out_chs, kernel_size, stride=stride, padding=padding, **dd)
 
@@ -73,7 +75,7 @@ class Mixed5b(nn.Module):
 
     def __init__(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        dd = {"device": device, "dtype": dtype}
         self.norm = BatchNormAct2d(192, **dd)
         self.branch0 = conv2d(192, 96, 1, **dd)
         self.branch1 = nn.Sequential(
@@ -99,13 +101,13 @@ class Block35(nn.Module):
     """35x35 residual block (Inception-ResNet-A), 320 channels."""
 
     def __init__(
-            self,
-            scale: float = 1.0,
-            device: torch.device | str | None = None,
-            dtype: torch.dtype | None = None,
+        self,
+        scale: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        dd = {"device": device, "dtype": dtype}
         self.scale = scale
         self.norm = BatchNormAct2d(320, **dd)
         self.branch0 = conv2d(320, 32, 1, **dd)
@@ -131,7 +133,7 @@ class Mixed6a(nn.Module):
 
     def __init__(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        dd = {"device": device, "dtype": dtype}
         self.norm = BatchNormAct2d(320, **dd)
         self.branch0 = conv2d(320, 384, 3, stride=2, **dd)
         self.branch1 = nn.Sequential(
@@ -150,13 +152,13 @@ class Block17(nn.Module):
     """17x17 residual block (Inception-ResNet-B), 1088 channels."""
 
     def __init__(
-            self,
-            scale: float = 1.0,
-            device: torch.device | str | None = None,
-            dtype: torch.dtype | None = None,
+        self,
+        scale: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        dd = {"device": device, "dtype": dtype}
         self.scale = scale
         self.norm = BatchNormAct2d(1088, **dd)
         self.branch0 = conv2d(1088, 192, 1, **dd)
@@ -178,7 +180,7 @@ class Mixed7a(nn.Module):
 
     def __init__(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        dd = {"device": device, "dtype": dtype}
         self.norm = BatchNormAct2d(1088, **dd)
         self.branch0 = nn.Sequential(
             conv2d(1088, 256, 1, **dd),
@@ -198,20 +200,21 @@ class Mixed7a(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_preact = self.norm(x)
         return torch.cat(
-            (self.branch0(x_preact), self.branch1(x_preact), self.branch2(x_preact), self.branch3(x)), 1)
+            (self.branch0(x_preact), self.branch1(x_preact), self.branch2(x_preact), self.branch3(x)), 1
+        )
 
 
 class Block8(nn.Module):
     """8x8 residual block (Inception-ResNet-C), 2080 channels."""
 
     def __init__(
-            self,
-            scale: float = 1.0,
-            device: torch.device | str | None = None,
-            dtype: torch.dtype | None = None,
+        self,
+        scale: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        dd = {"device": device, "dtype": dtype}
         self.scale = scale
         self.norm = BatchNormAct2d(2080, **dd)
         self.branch0 = conv2d(2080, 192, 1, **dd)
@@ -232,13 +235,13 @@ class InceptionResnetV2PreAct(nn.Module):
     """Pre-activation Inception-ResNet-v2."""
 
     def __init__(
-            self,
-            num_classes: int = 1000,
-            in_chans: int = 3,
-            drop_rate: float = 0.,
-            global_pool: str = 'avg',
-            device: torch.device | str | None = None,
-            dtype: torch.dtype | None = None,
+        self,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """
         Args:
@@ -248,7 +251,7 @@ class InceptionResnetV2PreAct(nn.Module):
             global_pool: Global pooling type.
         """
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        dd = {"device": device, "dtype": dtype}
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = 1536
@@ -257,37 +260,51 @@ class InceptionResnetV2PreAct(nn.Module):
         self.conv2d_1a = conv2d(in_chans, 32, 3, stride=2, **dd)
         self.conv2d_2a = PreActConv(32, 32, 3, **dd)
         self.conv2d_2b = PreActConv(32, 64, 3, padding=1, **dd)
-        self.feature_info = [dict(num_chs=64, reduction=2, module='conv2d_2b')]
+        self.feature_info = [dict(num_chs=64, reduction=2, module="conv2d_2b")]
 
         self.maxpool_3a = nn.MaxPool2d(3, stride=2)
         self.conv2d_3b = PreActConv(64, 80, 1, **dd)
         self.conv2d_4a = PreActConv(80, 192, 3, **dd)
-        self.feature_info += [dict(num_chs=192, reduction=4, module='conv2d_4a')]
+        self.feature_info += [dict(num_chs=192, reduction=4, module="conv2d_4a")]
 
         self.maxpool_5a = nn.MaxPool2d(3, stride=2)
         self.mixed_5b = Mixed5b(**dd)
         self.repeat = nn.Sequential(*[Block35(scale=0.17, **dd) for _ in range(10)])
-        self.feature_info += [dict(num_chs=320, reduction=8, module='repeat')]
+        self.feature_info += [dict(num_chs=320, reduction=8, module="repeat")]
 
         self.mixed_6a = Mixed6a(**dd)
         self.repeat_1 = nn.Sequential(*[Block17(scale=0.10, **dd) for _ in range(20)])
-        self.feature_info += [dict(num_chs=1088, reduction=16, module='repeat_1')]
+        self.feature_info += [dict(num_chs=1088, reduction=16, module="repeat_1")]
 
         self.mixed_7a = Mixed7a(**dd)
         self.repeat_2 = nn.Sequential(*[Block8(scale=0.20, **dd) for _ in range(9)])
         self.block8 = Block8(**dd)
         self.conv2d_7b = PreActConv(2080, self.num_features, 1, **dd)
-        self.feature_info += [dict(num_chs=self.num_features, reduction=32, module='conv2d_7b')]
+        self.feature_info += [dict(num_chs=self.num_features, reduction=32, module="conv2d_7b")]
         # feature layers in forward order, and the layer index of each feature_info tap
         self.layer_names = [
-            'conv2d_1a', 'conv2d_2a', 'conv2d_2b', 'maxpool_3a', 'conv2d_3b', 'conv2d_4a', 'maxpool_5a',
-            'mixed_5b', 'repeat', 'mixed_6a', 'repeat_1', 'mixed_7a', 'repeat_2', 'block8', 'conv2d_7b',
+            "conv2d_1a",
+            "conv2d_2a",
+            "conv2d_2b",
+            "maxpool_3a",
+            "conv2d_3b",
+            "conv2d_4a",
+            "maxpool_5a",
+            "mixed_5b",
+            "repeat",
+            "mixed_6a",
+            "repeat_1",
+            "mixed_7a",
+            "repeat_2",
+            "block8",
+            "conv2d_7b",
         ]
-        self.feature_ends = [self.layer_names.index(info['module']) for info in self.feature_info]
+        self.feature_ends = [self.layer_names.index(info["module"]) for info in self.feature_info]
 
         self.norm = BatchNormAct2d(self.num_features, **dd)
         self.global_pool, self.head_drop, self.classif = create_classifier(
-            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd
+        )
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
         self.init_weights()
@@ -301,19 +318,20 @@ class InceptionResnetV2PreAct(nn.Module):
     def group_matcher(self, coarse: bool = False) -> Callable[[str], int | float]:
         """Parameter name -> layer index, for layer-wise optimiser settings."""
         module_map = {k: i for i, (k, _) in enumerate(flatten_modules(self.named_children(), prefix=()))}
-        module_map.pop(('classif',))
+        module_map.pop(("classif",))
 
         def _matcher(name: str) -> int | float:
-            if name.startswith(('conv2d_1', 'conv2d_2')):
+            if name.startswith(("conv2d_1", "conv2d_2")):
                 return 0
-            if name.startswith(('conv2d_3', 'conv2d_4')):
+            if name.startswith(("conv2d_3", "conv2d_4")):
                 return 1
-            if name.startswith(('block8', 'conv2d_7', 'norm')):
+            if name.startswith(("block8", "conv2d_7", "norm")):
                 return len(module_map) + 1
             for k, i in module_map.items():
-                if k == tuple(name.split('.')[:len(k)]):
+                if k == tuple(name.split(".")[: len(k)]):
                     return i
-            return float('inf')
+            return float("inf")
+
         return _matcher
 
     @torch.jit.ignore
@@ -333,19 +351,20 @@ class InceptionResnetV2PreAct(nn.Module):
         if global_pool is None:
             global_pool = self.global_pool.pool_type
         self.global_pool, self.classif = create_classifier(
-            self.num_features, num_classes, pool_type=global_pool, **dd)
+            self.num_features, num_classes, pool_type=global_pool, **dd
+        )
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.global_pool.train(self.training)
         self.classif.train(self.training)
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Forward features and return intermediates (the ``feature_info`` taps).
 
@@ -357,7 +376,7 @@ class InceptionResnetV2PreAct(nn.Module):
             output_fmt: Shape of intermediate feature outputs, only 'NCHW'.
             intermediates_only: Only return intermediate features.
         """
-        assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
+        assert output_fmt == "NCHW", "Output shape must be NCHW."
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.feature_ends), indices)
         take_ends = [self.feature_ends[i] for i in take_indices]
@@ -365,7 +384,7 @@ class InceptionResnetV2PreAct(nn.Module):
 
         layer_names = self.layer_names
         if stop_early:
-            layer_names = layer_names[:self.feature_ends[max_index] + 1]
+            layer_names = layer_names[: self.feature_ends[max_index] + 1]
         for i, n in enumerate(layer_names):
             x = getattr(self, n)(x)
             if i in take_ends:
@@ -377,22 +396,22 @@ class InceptionResnetV2PreAct(nn.Module):
         return x, intermediates
 
     def prune_intermediate_layers(
-            self,
-            indices: int | list[int] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+        self,
+        indices: int | list[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
     ) -> list[int]:
         """Remove the layers after the last of ``indices`` (and the head if ``prune_head``)."""
         take_indices, max_index = feature_take_indices(len(self.feature_ends), indices)
         prune_end = max_index < len(self.feature_ends) - 1
-        for n in self.layer_names[self.feature_ends[max_index] + 1:]:
+        for n in self.layer_names[self.feature_ends[max_index] + 1 :]:
             setattr(self, n, nn.Identity())
         if prune_norm or prune_end:
             self.norm = nn.Identity()  # sized for (and only applied to) the last layer
         if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
         if prune_head or prune_end:
-            self.reset_classifier(0, '')
+            self.reset_classifier(0, "")
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -432,28 +451,36 @@ class InceptionResnetV2PreAct(nn.Module):
 
 
 def _create_inception_resnet_v2_preact(
-        variant: str, pretrained: bool = False, **kwargs: Any) -> InceptionResnetV2PreAct:
+    variant: str, pretrained: bool = False, **kwargs: Any
+) -> InceptionResnetV2PreAct:
     """Build the model (orthogonally initialised with ``svb_config`` for the ``_svb`` name)."""
     return build_svb_model(InceptionResnetV2PreAct, variant, pretrained, **kwargs)
 
 
-default_cfgs = generate_default_cfgs(pretrained_cfgs(
-    ('inception_resnet_v2_preact', 'inception_resnet_v2_preact_svb'),
-    in1k_cfgs(
-        input_size=(3, 299, 299), pool_size=(8, 8), crop_pct=0.8975, interpolation='bicubic',
-        mean=IMAGENET_INCEPTION_MEAN, std=IMAGENET_INCEPTION_STD,
-        first_conv='conv2d_1a', classifier='classif',
-    ),
-))
+default_cfgs = generate_default_cfgs(
+    pretrained_cfgs(
+        ("inception_resnet_v2_preact", "inception_resnet_v2_preact_svb"),
+        in1k_cfgs(
+            input_size=(3, 299, 299),
+            pool_size=(8, 8),
+            crop_pct=0.8975,
+            interpolation="bicubic",
+            mean=IMAGENET_INCEPTION_MEAN,
+            std=IMAGENET_INCEPTION_STD,
+            first_conv="conv2d_1a",
+            classifier="classif",
+        ),
+    )
+)
 
 
 @register_model
 def inception_resnet_v2_preact(pretrained: bool = False, **kwargs: Any) -> InceptionResnetV2PreAct:
     """Pre-activation Inception-ResNet-v2, SGD baseline."""
-    return _create_inception_resnet_v2_preact('inception_resnet_v2_preact', pretrained, **kwargs)
+    return _create_inception_resnet_v2_preact("inception_resnet_v2_preact", pretrained, **kwargs)
 
 
 @register_model
 def inception_resnet_v2_preact_svb(pretrained: bool = False, **kwargs: Any) -> InceptionResnetV2PreAct:
     """Pre-activation Inception-ResNet-v2, orthogonal init, for SVB + BBN training."""
-    return _create_inception_resnet_v2_preact('inception_resnet_v2_preact_svb', pretrained, **kwargs)
+    return _create_inception_resnet_v2_preact("inception_resnet_v2_preact_svb", pretrained, **kwargs)

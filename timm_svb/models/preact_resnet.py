@@ -10,6 +10,7 @@ Papers:
 * `Improving training of deep neural networks via Singular Value Bounding` - https://arxiv.org/abs/1611.06013
 * `Identity Mappings in Deep Residual Networks` - https://arxiv.org/abs/1603.05027
 """
+
 from typing import Any
 
 import torch
@@ -22,20 +23,20 @@ from torch import nn
 from ._helpers import build_svb_model, cifar_cfgs, he_init_
 from ._pretrained import pretrained_cfgs
 
-__all__ = ['PreActResNet', 'PreActBasicBlock']
+__all__ = ["PreActResNet", "PreActBasicBlock"]
 
 
 class PreActBasicBlock(nn.Module):
     """Pre-activation basic block; the projection shortcut takes the pre-activated input."""
 
     def __init__(
-            self,
-            in_chs: int,
-            out_chs: int,
-            stride: int = 1,
-            drop_rate: float = 0.,
-            device: torch.device | str | None = None,
-            dtype: torch.dtype | None = None,
+        self,
+        in_chs: int,
+        out_chs: int,
+        stride: int = 1,
+        drop_rate: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """
         Args:
@@ -45,7 +46,7 @@ class PreActBasicBlock(nn.Module):
             drop_rate: Dropout between the two convs.
         """
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        dd = {"device": device, "dtype": dtype}
         self.norm1 = BatchNormAct2d(in_chs, **dd)
         self.conv1 = nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False, **dd)
         self.norm2 = BatchNormAct2d(out_chs, **dd)
@@ -70,18 +71,18 @@ class PreActResNet(nn.Module):
     """Pre-activation (wide) ResNet for 32x32 inputs."""
 
     def __init__(
-            self,
-            layers: tuple[int, ...] = (3, 3, 3),
-            channels: tuple[int, ...] = (16, 32, 64),
-            width_factor: int = 1,
-            stem_chs: int = 16,
-            num_classes: int = 10,
-            in_chans: int = 3,
-            global_pool: str = 'avg',
-            drop_rate: float = 0.,
-            block_drop_rate: float = 0.,
-            device: torch.device | str | None = None,
-            dtype: torch.dtype | None = None,
+        self,
+        layers: tuple[int, ...] = (3, 3, 3),
+        channels: tuple[int, ...] = (16, 32, 64),
+        width_factor: int = 1,
+        stem_chs: int = 16,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        global_pool: str = "avg",
+        drop_rate: float = 0.0,
+        block_drop_rate: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """
         Args:
@@ -96,14 +97,14 @@ class PreActResNet(nn.Module):
             block_drop_rate: Dropout between the two convs of every block (WRN).
         """
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        dd = {"device": device, "dtype": dtype}
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
 
         self.stem = nn.Conv2d(in_chans, stem_chs, 3, padding=1, bias=False, **dd)
-        self.feature_info = [dict(num_chs=stem_chs, reduction=1, module='stem')]
+        self.feature_info = [dict(num_chs=stem_chs, reduction=1, module="stem")]
         prev_chs = stem_chs
         reduction = 1
         stages = []
@@ -111,20 +112,29 @@ class PreActResNet(nn.Module):
             out_chs = chs * width_factor
             stride = 1 if stage_idx == 0 else 2
             reduction *= stride
-            stages.append(nn.Sequential(*[
-                PreActBasicBlock(
-                    prev_chs if i == 0 else out_chs, out_chs, stride=stride if i == 0 else 1,
-                    drop_rate=block_drop_rate, **dd)
-                for i in range(depth)
-            ]))
+            stages.append(
+                nn.Sequential(
+                    *[
+                        PreActBasicBlock(
+                            prev_chs if i == 0 else out_chs,
+                            out_chs,
+                            stride=stride if i == 0 else 1,
+                            drop_rate=block_drop_rate,
+                            **dd,
+                        )
+                        for i in range(depth)
+                    ]
+                )
+            )
             prev_chs = out_chs
-            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f'stages.{stage_idx}'))
+            self.feature_info.append(dict(num_chs=out_chs, reduction=reduction, module=f"stages.{stage_idx}"))
         self.stages = nn.Sequential(*stages)
 
         self.num_features = prev_chs
         self.norm = BatchNormAct2d(self.num_features, **dd)
         self.global_pool, self.fc = create_classifier(
-            self.num_features, num_classes, pool_type=global_pool, **dd)
+            self.num_features, num_classes, pool_type=global_pool, **dd
+        )
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
         self.init_weights()
@@ -138,10 +148,12 @@ class PreActResNet(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Regexes grouping parameters (stem, blocks) for layer-wise optimiser settings."""
         return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.(\d+)', None),
-                (r'^norm', (99999,)),
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)"
+            if coarse
+            else [
+                (r"^stages\.(\d+)\.(\d+)", None),
+                (r"^norm", (99999,)),
             ],
         )
 
@@ -162,19 +174,20 @@ class PreActResNet(nn.Module):
         if global_pool is None:
             global_pool = self.global_pool.pool_type
         self.global_pool, self.fc = create_classifier(
-            self.num_features, num_classes, pool_type=global_pool, **dd)
+            self.num_features, num_classes, pool_type=global_pool, **dd
+        )
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.global_pool.train(self.training)
         self.fc.train(self.training)
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: int | list[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Forward features and return intermediates (stem output, then each stage output).
 
@@ -186,7 +199,7 @@ class PreActResNet(nn.Module):
             output_fmt: Shape of intermediate feature outputs, only 'NCHW'.
             intermediates_only: Only return intermediate features.
         """
-        assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
+        assert output_fmt == "NCHW", "Output shape must be NCHW."
         intermediates = []
         last_idx = len(self.stages)
         take_indices, max_index = feature_take_indices(last_idx + 1, indices)
@@ -209,10 +222,10 @@ class PreActResNet(nn.Module):
         return x, intermediates
 
     def prune_intermediate_layers(
-            self,
-            indices: int | list[int] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+        self,
+        indices: int | list[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
     ) -> list[int]:
         """Remove the layers after the last of ``indices`` (and the head if ``prune_head``)."""
         take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
@@ -221,9 +234,9 @@ class PreActResNet(nn.Module):
             self.norm = nn.Identity()  # sized for (and only applied to) the last stage
         self.stages = self.stages[:max_index]
         if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
         if prune_head or prune_end:
-            self.reset_classifier(0, '')
+            self.reset_classifier(0, "")
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,67 +266,73 @@ class PreActResNet(nn.Module):
 def _create_preact_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """Build a PreActResNet variant (orthogonally initialised with ``svb_config`` for ``_svb`` names)."""
     return build_svb_model(
-        PreActResNet, variant, pretrained,
-        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)), **kwargs)
+        PreActResNet,
+        variant,
+        pretrained,
+        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
+        **kwargs,
+    )
 
 
-default_cfgs = generate_default_cfgs(pretrained_cfgs(
-    [f'preact_resnet{d}{s}' for d in (20, 56, 68, 110) for s in ('', '_svb')],
-    cifar_cfgs(first_conv='stem', classifier='fc'),
-))
+default_cfgs = generate_default_cfgs(
+    pretrained_cfgs(
+        [f"preact_resnet{d}{s}" for d in (20, 56, 68, 110) for s in ("", "_svb")],
+        cifar_cfgs(first_conv="stem", classifier="fc"),
+    )
+)
 
 
 @register_model
 def preact_resnet20(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """Pre-activation ResNet-20 (X=3), SGD baseline."""
     model_args = dict(layers=(3, 3, 3))
-    return _create_preact_resnet('preact_resnet20', pretrained, **dict(model_args, **kwargs))
+    return _create_preact_resnet("preact_resnet20", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def preact_resnet20_svb(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """Pre-activation ResNet-20 (X=3), orthogonal init, for SVB + BBN training."""
     model_args = dict(layers=(3, 3, 3))
-    return _create_preact_resnet('preact_resnet20_svb', pretrained, **dict(model_args, **kwargs))
+    return _create_preact_resnet("preact_resnet20_svb", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def preact_resnet56(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """Pre-activation ResNet-56 (X=9), SGD baseline."""
     model_args = dict(layers=(9, 9, 9))
-    return _create_preact_resnet('preact_resnet56', pretrained, **dict(model_args, **kwargs))
+    return _create_preact_resnet("preact_resnet56", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def preact_resnet56_svb(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """Pre-activation ResNet-56 (X=9), orthogonal init, for SVB + BBN training."""
     model_args = dict(layers=(9, 9, 9))
-    return _create_preact_resnet('preact_resnet56_svb', pretrained, **dict(model_args, **kwargs))
+    return _create_preact_resnet("preact_resnet56_svb", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def preact_resnet68(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """Pre-activation ResNet-68 (X=11, paper Table 1), SGD baseline."""
     model_args = dict(layers=(11, 11, 11))
-    return _create_preact_resnet('preact_resnet68', pretrained, **dict(model_args, **kwargs))
+    return _create_preact_resnet("preact_resnet68", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def preact_resnet68_svb(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """Pre-activation ResNet-68 (X=11, paper Table 1), orthogonal init, for SVB + BBN training."""
     model_args = dict(layers=(11, 11, 11))
-    return _create_preact_resnet('preact_resnet68_svb', pretrained, **dict(model_args, **kwargs))
+    return _create_preact_resnet("preact_resnet68_svb", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def preact_resnet110(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """Pre-activation ResNet-110 (X=18), SGD baseline."""
     model_args = dict(layers=(18, 18, 18))
-    return _create_preact_resnet('preact_resnet110', pretrained, **dict(model_args, **kwargs))
+    return _create_preact_resnet("preact_resnet110", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def preact_resnet110_svb(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """Pre-activation ResNet-110 (X=18), orthogonal init, for SVB + BBN training."""
     model_args = dict(layers=(18, 18, 18))
-    return _create_preact_resnet('preact_resnet110_svb', pretrained, **dict(model_args, **kwargs))
+    return _create_preact_resnet("preact_resnet110_svb", pretrained, **dict(model_args, **kwargs))

@@ -7,6 +7,7 @@ Papers:
 * `Improving training of deep neural networks via Singular Value Bounding` - https://arxiv.org/abs/1611.06013
 * `Deep Residual Learning for Image Recognition` - https://arxiv.org/abs/1512.03385
 """
+
 from typing import Any
 
 from timm.models import generate_default_cfgs, register_model
@@ -23,21 +24,23 @@ def _create_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> Res
     return build_svb_model(ResNet, variant, pretrained, **kwargs)
 
 
-default_cfgs = generate_default_cfgs(pretrained_cfgs(
-    ('resnet18_svb', 'resnet50_svb'),
-    in1k_cfgs(first_conv='conv1', classifier='fc'),
-))
+default_cfgs = generate_default_cfgs(
+    pretrained_cfgs(
+        ("resnet18_svb", "resnet50_svb"),
+        in1k_cfgs(first_conv="conv1", classifier="fc"),
+    )
+)
 
 
 @register_model
 def resnet18_svb(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNet-18 (timm ``resnet18`` layout), orthogonal init, for SVB + BBN training."""
     model_args = dict(block=BasicBlock, layers=(2, 2, 2, 2))
-    return _create_resnet('resnet18_svb', pretrained, **dict(model_args, **kwargs))
+    return _create_resnet("resnet18_svb", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def resnet50_svb(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNet-50 (timm ``resnet50`` layout), orthogonal init, for SVB + BBN training."""
     model_args = dict(block=Bottleneck, layers=(3, 4, 6, 3))
-    return _create_resnet('resnet50_svb', pretrained, **dict(model_args, **kwargs))
+    return _create_resnet("resnet50_svb", pretrained, **dict(model_args, **kwargs))

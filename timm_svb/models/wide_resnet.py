@@ -9,6 +9,7 @@ Papers:
 * `Improving training of deep neural networks via Singular Value Bounding` - https://arxiv.org/abs/1611.06013
 * `Wide Residual Networks` - https://arxiv.org/abs/1605.07146
 """
+
 from typing import Any
 
 from timm.models import generate_default_cfgs, register_model
@@ -22,60 +23,62 @@ __all__: list[str] = []
 
 def _wrn_args(depth: int, width: int) -> dict[str, Any]:
     """PreActResNet arguments of WRN-depth-width."""
-    assert (depth - 4) % 6 == 0, 'WRN depth must be 6N+4'
+    assert (depth - 4) % 6 == 0, "WRN depth must be 6N+4"
     n = (depth - 4) // 6
     return dict(layers=(n, n, n), width_factor=width)
 
 
-default_cfgs = generate_default_cfgs(pretrained_cfgs(
-    [f'wrn{d}{s}' for d in ('16_8', '28_10', '28_16', '40_4') for s in ('', '_svb')],
-    cifar_cfgs(first_conv='stem', classifier='fc'),
-))
+default_cfgs = generate_default_cfgs(
+    pretrained_cfgs(
+        [f"wrn{d}{s}" for d in ("16_8", "28_10", "28_16", "40_4") for s in ("", "_svb")],
+        cifar_cfgs(first_conv="stem", classifier="fc"),
+    )
+)
 
 
 @register_model
 def wrn16_8(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """WRN-16-8, SGD baseline."""
-    return _create_preact_resnet('wrn16_8', pretrained, **dict(_wrn_args(16, 8), **kwargs))
+    return _create_preact_resnet("wrn16_8", pretrained, **dict(_wrn_args(16, 8), **kwargs))
 
 
 @register_model
 def wrn16_8_svb(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """WRN-16-8, orthogonal init, for SVB + BBN training."""
-    return _create_preact_resnet('wrn16_8_svb', pretrained, **dict(_wrn_args(16, 8), **kwargs))
+    return _create_preact_resnet("wrn16_8_svb", pretrained, **dict(_wrn_args(16, 8), **kwargs))
 
 
 @register_model
 def wrn28_10(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """WRN-28-10 (36.5M parameters), SGD baseline."""
-    return _create_preact_resnet('wrn28_10', pretrained, **dict(_wrn_args(28, 10), **kwargs))
+    return _create_preact_resnet("wrn28_10", pretrained, **dict(_wrn_args(28, 10), **kwargs))
 
 
 @register_model
 def wrn28_10_svb(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """WRN-28-10 (36.5M parameters), orthogonal init, for SVB + BBN training."""
-    return _create_preact_resnet('wrn28_10_svb', pretrained, **dict(_wrn_args(28, 10), **kwargs))
+    return _create_preact_resnet("wrn28_10_svb", pretrained, **dict(_wrn_args(28, 10), **kwargs))
 
 
 @register_model
 def wrn28_16(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """WRN-28-16 (94M parameters), SGD baseline."""
-    return _create_preact_resnet('wrn28_16', pretrained, **dict(_wrn_args(28, 16), **kwargs))
+    return _create_preact_resnet("wrn28_16", pretrained, **dict(_wrn_args(28, 16), **kwargs))
 
 
 @register_model
 def wrn28_16_svb(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """WRN-28-16 (94M parameters), orthogonal init, for SVB + BBN training."""
-    return _create_preact_resnet('wrn28_16_svb', pretrained, **dict(_wrn_args(28, 16), **kwargs))
+    return _create_preact_resnet("wrn28_16_svb", pretrained, **dict(_wrn_args(28, 16), **kwargs))
 
 
 @register_model
 def wrn40_4(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """WRN-40-4, SGD baseline."""
-    return _create_preact_resnet('wrn40_4', pretrained, **dict(_wrn_args(40, 4), **kwargs))
+    return _create_preact_resnet("wrn40_4", pretrained, **dict(_wrn_args(40, 4), **kwargs))
 
 
 @register_model
 def wrn40_4_svb(pretrained: bool = False, **kwargs: Any) -> PreActResNet:
     """WRN-40-4, orthogonal init, for SVB + BBN training."""
-    return _create_preact_resnet('wrn40_4_svb', pretrained, **dict(_wrn_args(40, 4), **kwargs))
+    return _create_preact_resnet("wrn40_4_svb", pretrained, **dict(_wrn_args(40, 4), **kwargs))
