@@ -315,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--log-interval", type=int, default=50, help="steps between progress-bar loss updates")
     group.add_argument(
+        "--spectrum-every",
+        type=int,
+        default=10,
+        metavar="N",
+        help="log singular-value spectrum statistics to the trackers every N epochs (0: never); "
+        "the final spectrum plot is saved as RUN/spectra.png",
+    )
+    group.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars (main process)"
     )
     return parser

@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import timm_svb
+from timm_svb.spectrum import model_spectrum, plot_spectra, spectrum_summary
 
 __all__ = ["TrainResult", "fit", "make_accelerator"]
 
@@ -204,6 +205,11 @@ def _flat_hparams(config: dict[str, Any]) -> dict[str, Any]:
     for k, v in config.items():
         out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
+
+
+def _band_epsilon(svb: Any) -> float:
+    """The SVB band drawn in spectrum plots: the run's epsilon, or the paper's 0.5 without SVB."""
+    return svb.epsilon if svb is not None else 0.5
 
 
 def _describe_svb(stats: Any) -> str:
@@ -578,8 +584,12 @@ def fit(args: Any) -> TrainResult:
             if is_best:
                 save_weights(unwrapped, run_dir / "model_best.safetensors")
             write_record("running")
+        spectrum = {}
+        if args.spectrum_every and (epoch + 1) % args.spectrum_every == 0:
+            spectrum = spectrum_summary(model_spectrum(unwrapped), epsilon=_band_epsilon(svb))
         accelerator.log(
             {
+                **spectrum,
                 "train/loss": train.loss,
                 "train/lr": lr,
                 "train/images_per_s": train.images_per_s,
@@ -616,6 +626,7 @@ def fit(args: Any) -> TrainResult:
     if accelerator.is_main_process:
         if finished:
             save_weights(unwrapped, run_dir / "model_final.safetensors")
+            plot_spectra({args.model: model_spectrum(unwrapped)}, run_dir / "spectra.png", _band_epsilon(svb))
         write_record("finished" if finished else "stopped")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -244,6 +244,8 @@ def test_cifar_model_trains_and_fills_the_run_folder(tmp_path: Path, cifar_like:
     assert metrics["top5_err"] == pytest.approx(run["metrics"]["final"]["top5_err"])
     best = timm.create_model(run["model"], **run["model_kwargs"])
     best.load_state_dict(load_weights(out / "model_best.safetensors"), strict=True)
+    # the final singular-value spectrum plot (Figure 1 style) is a PNG in the run folder
+    assert (out / "spectra.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a finished run is not overwritten by accident
     with pytest.raises(SystemExit, match="--resume"):
         run_recipe(["--data-dir", str(cifar_like), "--output", str(out)])
