@@ -1,8 +1,9 @@
 """What does the recipe's training loop cost over a plain PyTorch loop? Steps/s of both, same everything.
 
-Run: ``python benchmarks/train_overhead.py`` (``--help`` for options). In one process, on the same model
-(two copies of one initialisation), the same data (generated images, one fixed order) and the same settings
-(float32, SGD momentum 0.9 Nesterov, weight decay 1e-4), it times:
+Run: ``python benchmarks/train_overhead.py`` (``--help`` for options). In one process, on one model and one
+optimizer (the same memory; each slice of both loops starts from the same weights and momentum), the same
+data (generated images, the same batches in the same order) and the same settings (float32, SGD momentum 0.9
+Nesterov, weight decay 1e-4), it times:
 
 1. a plain hand-written loop: ``for x, y in loader: zero_grad; cross_entropy(model(x), y).backward(); step``;
 2. the recipe's loop, ``engine.train_one_epoch``, with the recipe's Accelerator (``trainer.make_accelerator``)
@@ -51,16 +52,20 @@ class GeneratedImages(Dataset):
 
 
 def make_loader(args: argparse.Namespace, steps: int) -> DataLoader:
-    """A shuffling loader of ``steps`` batches, the same for both loops."""
+    """A loader of ``steps`` batches in a fixed order: both loops see the same batches."""
     dataset = GeneratedImages(steps * args.batch_size, args.img_size, args.num_classes)
-    return DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=0,
-        generator=torch.Generator().manual_seed(0),
-    )
+    return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, drop_last=True, num_workers=0)
+
+
+def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Weights and optimizer state (momentum), copied."""
+    return {k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(optimizer.state_dict())
+
+
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: tuple[dict, dict]) -> None:
+    """Back to a snapshot."""
+    model.load_state_dict(state[0])
+    optimizer.load_state_dict(state[1])
 
 
 def sgd(model: torch.nn.Module, lr: float) -> torch.optim.SGD:
@@ -103,28 +108,29 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     torch.manual_seed(0)
     steps = args.chunks * args.chunk_steps
 
-    base = timm.create_model(args.model, num_classes=args.num_classes)
+    # One model, one optimizer, the same memory for both loops: before every slice the pair starts from the
+    # same weights and momentum and sees the same batches, so both do the same arithmetic (up to SVB's
+    # bounding after the round's last step) and a difference in speed is the loops' own.
+    model = timm.create_model(args.model, num_classes=args.num_classes)
     if args.channels_last:
-        base = base.to(memory_format=torch.channels_last)
-    plain_model = copy.deepcopy(base)
-    plain_opt = sgd(plain_model, args.lr)
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = sgd(model, args.lr)
     plain_loader = make_loader(args, args.chunk_steps)
 
     accelerator = make_accelerator(seed=0)
-    recipe_model = copy.deepcopy(base)
-    recipe_opt = sgd(recipe_model, args.lr)
     # the paper's frequency: once per epoch of `steps` steps (391: CIFAR at batch 128), after its last step
-    svb = RecordingSVB(recipe_model, 0.5, 1.0, every_n_steps=steps)
-    recipe_model, recipe_opt = accelerator.prepare(recipe_model, recipe_opt)
-    svb.attach(recipe_opt)
+    svb = RecordingSVB(model, 0.5, 1.0, every_n_steps=steps)
+    recipe_model, recipe_opt = accelerator.prepare(model, optimizer)
     recipe_loader = accelerator.prepare(make_loader(args, args.chunk_steps))
+    start_state = snapshot(model, optimizer)
 
     def plain_chunk() -> float:
         start = time.perf_counter()
-        plain_epoch(plain_model, plain_loader, plain_opt, args.channels_last)
+        plain_epoch(model, plain_loader, optimizer, args.channels_last)
         return time.perf_counter() - start
 
     def recipe_chunk() -> float:
+        handle = svb.attach(recipe_opt)  # the hook counts the recipe's steps only
         start = time.perf_counter()
         train_one_epoch(
             recipe_model,
@@ -134,19 +140,30 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             channels_last=args.channels_last,
             progress=False,
         )
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        handle.remove()
+        return seconds
 
     plain_chunk(), recipe_chunk()  # warm-up
     plain, recipe, pair_ratios = [], [], []
     for r in range(args.repeats):
+        restore(model, optimizer, start_state)
         svb.step, before = 0, svb.num_applied
         plain_s = recipe_s = 0.0
         for i in range(args.chunks):
-            # alternate A B / B A, so that neither loop always runs right after the other
+            state = snapshot(model, optimizer)
+            # alternate A B / B A, so that neither loop always runs right after the other; the round goes on
+            # from the recipe's state
             if i % 2 == 0:
-                p, q = plain_chunk(), recipe_chunk()
+                p = plain_chunk()
+                restore(model, optimizer, state)
+                q = recipe_chunk()
             else:
-                q, p = recipe_chunk(), plain_chunk()
+                q = recipe_chunk()
+                after = snapshot(model, optimizer)
+                restore(model, optimizer, state)
+                p = plain_chunk()
+                restore(model, optimizer, after)
             plain_s, recipe_s = plain_s + p, recipe_s + q
             pair_ratios.append(p / q)
         assert svb.num_applied == before + 1, "SVB must bound exactly once per round"
