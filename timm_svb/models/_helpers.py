@@ -1,20 +1,24 @@
 """Helpers shared by the model families: data set cfgs, ``svb_config`` handling and the model builder."""
 
+import inspect
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, resolve_pretrained_cfg
+from timm.models import build_model_with_cfg, load_pretrained, resolve_pretrained_cfg
 from torch import nn
 
 from ..functional import orthogonal_init_
-from ._pretrained import PretrainedWeightsNotPublishedError, with_verified_weights
+from ._pretrained import PretrainedWeightsNotPublishedError, load_weights, route_weights
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
 SVB_PAPER_ID = "arXiv:1611.06013"
 SVB_PAPER_NAME = "Improving training of deep neural networks via Singular Value Bounding"
 SVB_DEFAULTS: dict[str, float] = {"epsilon": 0.5, "bbn_epsilon": 1.0}
+# Largest SVB / BBN band a config.json may set: the paper sweeps epsilon over 0.01..1 ("a small constant").
+MAX_CONFIG_EPSILON = 1.0
 
 # per-channel statistics of the training images
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -75,23 +79,43 @@ def _svb_config(variant: str, kwargs: dict[str, Any]) -> dict[str, float] | None
         return None
     config = {**SVB_DEFAULTS, **overrides}
     for key, value in config.items():
-        if value <= 0:
-            raise ValueError(f"{key} must be > 0, got {value}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{key} must be a finite number > 0, got {value}")
     return config
 
 
-def _check_pretrained(variant: str, kwargs: dict[str, Any]) -> None:
-    """Raise a clear error for ``pretrained=True`` when no weight source exists (unpublished weights)."""
-    try:
-        cfg = resolve_pretrained_cfg(
-            variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
-        ).to_dict()
-    except RuntimeError as e:  # unknown pretrained tag
-        tag = kwargs.get("pretrained_cfg")
-        name = f"{variant}.{tag}" if isinstance(tag, str) else variant
-        raise PretrainedWeightsNotPublishedError(name) from e
-    if not any(cfg.get(k) for k in ("state_dict", "file", "url", "hf_hub_id")):
-        raise PretrainedWeightsNotPublishedError(f"{variant}.{cfg['tag']}" if cfg.get("tag") else variant)
+def _check_config_args(model_cls: Callable[..., nn.Module], variant: str, kwargs: dict[str, Any]) -> None:
+    """Refuse ``model_args`` of a ``config.json`` (``hf-hub:`` / ``local-dir:``) that are not arguments of the
+    architecture, such as ``pretrained_strict`` (loading is not the file's to control), and SVB bands
+    outside the paper's range."""
+    config_args = kwargs.get("pretrained_model_args") or {}
+    params = inspect.signature(model_cls).parameters
+    allowed = {n for n, p in params.items() if p.kind is not p.VAR_KEYWORD} | set(_SVB_KWARGS)
+    foreign = sorted(set(config_args) - allowed)
+    if foreign:
+        raise ValueError(
+            f"config.json of {variant} sets {foreign} in model_args: not arguments of the architecture "
+            "(a config file may not control how weights are loaded); remove them from the file"
+        )
+    for arg in set(_SVB_KWARGS) & set(config_args):
+        value = config_args[arg]
+        if not (isinstance(value, int | float) and 0 < value <= MAX_CONFIG_EPSILON):
+            raise ValueError(
+                f"config.json of {variant} sets {arg}={value!r}: SVB bands in a config file must lie in "
+                f"(0, {MAX_CONFIG_EPSILON}] (the paper's range); pass {arg}= to create_model to override"
+            )
+
+
+class SafetensorsPretrainedMixin:
+    """``load_pretrained(checkpoint_path)``: timm's ``custom_load`` hook, so that every pretrained load of
+    the model (``create_model``, ``hf-hub:``, ``local-dir:``, ``timm.models.load_pretrained(model)``) reads
+    its file with :func:`load_weights` (safetensors only, recorded files checked against their sha256) and
+    then adapts it as timm does (new classifier for other ``num_classes``, input conv for ``in_chans``)."""
+
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """Load the weights file ``checkpoint_path`` (called by timm for ``custom_load`` cfgs)."""
+        cfg = {**self.pretrained_cfg, "state_dict": load_weights(checkpoint_path), "source": None}
+        load_pretrained(self, cfg, num_classes=self.num_classes, in_chans=self.in_chans)
 
 
 def _orthogonal(model_cls: Callable[..., ModelT]) -> Callable[..., ModelT]:
@@ -113,15 +137,26 @@ def build_svb_model(
 
     An ``_svb`` variant is orthogonally initialised and gets ``model.svb_config`` (``epsilon`` /
     ``bbn_epsilon``, overridable with the ``svb_epsilon`` / ``bbn_epsilon`` kwargs); baselines keep the
-    class's own init and get ``svb_config = None``. ``pretrained=True`` needs published weights or a
-    weight source given by the caller (``pretrained_cfg_overlay=dict(file=...)``, ``local-dir:``).
+    class's own init and get ``svb_config = None``. ``model_cls`` loads pretrained weights with
+    :class:`SafetensorsPretrainedMixin`, and the cfg is routed through it (:func:`route_weights`).
+    ``pretrained=True`` needs published weights or a weight source given by the caller
+    (``pretrained_cfg_overlay=dict(file=...)``, ``local-dir:``); a mistyped tag raises timm's
+    ``Invalid pretrained tag``.
     """
+    _check_config_args(model_cls, variant, kwargs)
     svb_config = _svb_config(variant, kwargs)
-    if pretrained:
-        _check_pretrained(variant, kwargs)
-        kwargs = with_verified_weights(variant, kwargs)  # record weights: sha256-checked safetensors file
+    cfg = resolve_pretrained_cfg(
+        variant, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None)
+    )
+    cfg = route_weights(cfg.to_dict())
+    if pretrained and not any(cfg.get(k) for k in ("state_dict", "file", "url", "hf_hub_id")):
+        raise PretrainedWeightsNotPublishedError(f"{variant}.{cfg['tag']}" if cfg.get("tag") else variant)
     model = build_model_with_cfg(
-        model_cls if svb_config is None else _orthogonal(model_cls), variant, pretrained, **kwargs
+        model_cls if svb_config is None else _orthogonal(model_cls),
+        variant,
+        pretrained,
+        pretrained_cfg=cfg,
+        **kwargs,
     )
     model.svb_config = svb_config
     return model

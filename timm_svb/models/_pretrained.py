@@ -1,18 +1,24 @@
-"""Record of published pretrained weights and the pretrained cfgs derived from it.
+"""Record of published pretrained weights, the pretrained cfgs derived from it, and the one weights loader.
 
 Only weights listed in ``published.json`` (filled by the hub publisher) get an ``hf_hub_id``, so only
 those are announced by ``timm.list_pretrained()``; every other ``model.tag`` cfg carries no weight source.
+Every pretrained load of our architectures goes through :func:`load_weights` (timm's ``custom_load`` hook,
+see :func:`route_weights`): it reads safetensors only, never a pickle, and a file of a recorded repository
+at its recorded commit must have the recorded sha256.
 """
 
 import hashlib
 import json
+import math
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from timm.models import resolve_pretrained_cfg
+import safetensors.torch
+import torch
 
 HUB_ORG = "timm-svb"
 PUBLISHED_FILE = "published.json"
@@ -21,27 +27,82 @@ WEIGHTS_FILENAME = "model.safetensors"
 # Environment variable naming another record file (tests, or a maintainer checking a record before release).
 RECORD_ENV = "TIMM_SVB_PUBLISHED_RECORD"
 
-# Keys every record entry must carry.
-_RECORD_KEYS = ("hf_hub_id", "revision", "sha256", "metrics")
+_NAME = re.compile(r"[a-z0-9_]+\.[a-z0-9_]+")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# Keys every record entry carries; "svb_override" (why an _svb name holds weights trained without SVB, stated
+# on the model card) is the only optional one.
+_RECORD_KEYS = ("hf_hub_id", "revision", "sha256", "metrics", "svb_config")
+_OPTIONAL_KEYS = ("svb_override",)
 
 
-def _load_published() -> dict[str, dict]:
-    """Read and validate the record of published weights shipped with the package."""
-    override = os.environ.get(RECORD_ENV)
-    source = Path(override) if override else resources.files(__package__).joinpath(PUBLISHED_FILE)
-    record = json.loads(source.read_text(encoding="utf-8"))
+class RecordError(ValueError):
+    """A record of published weights (or one of its entries) is malformed."""
+
+
+def check_entry(name: str, entry: Mapping[str, Any]) -> None:
+    """Raise :class:`RecordError` unless ``entry`` is a valid record entry for ``name`` (``model.tag``).
+
+    Valid: the repository is ``timm-svb/<name>``, the revision a full 40-hex commit id, the sha256 64 hex
+    digits, and an ``_svb`` model carries the SVB settings its weights were trained with (an ``svb_config``
+    with a positive ``epsilon``) unless ``svb_override`` says why not.
+    """
+    where = f"record entry {name!r}"
+    if not _NAME.fullmatch(name):
+        raise RecordError(f"{where}: the key must be 'model_name.tag' (lower case, digits, '_')")
+    if not isinstance(entry, Mapping):
+        raise RecordError(f"{where}: not a JSON object")
+    missing = [k for k in _RECORD_KEYS if k not in entry]
+    unknown = sorted(set(entry) - set(_RECORD_KEYS) - set(_OPTIONAL_KEYS))
+    if missing or unknown:
+        raise RecordError(f"{where}: missing keys {missing}, unknown keys {unknown}")
+    if entry["hf_hub_id"] != f"{HUB_ORG}/{name}":
+        raise RecordError(f"{where}: hf_hub_id must be '{HUB_ORG}/{name}', got {entry['hf_hub_id']!r}")
+    if not isinstance(entry["revision"], str) or not _COMMIT.fullmatch(entry["revision"]):
+        raise RecordError(f"{where}: revision must be a full 40-hex commit id, got {entry['revision']!r}")
+    if not isinstance(entry["sha256"], str) or not _SHA256.fullmatch(entry["sha256"]):
+        raise RecordError(f"{where}: sha256 must be 64 hex digits, got {entry['sha256']!r}")
+    if not isinstance(entry["metrics"], Mapping):
+        raise RecordError(f"{where}: metrics must be a JSON object")
+    svb, override = entry["svb_config"], entry.get("svb_override")
+    if svb is not None and not isinstance(svb, Mapping):
+        raise RecordError(f"{where}: svb_config must be a JSON object or null")
+    if name.split(".")[0].endswith("_svb") and not _positive(svb and svb.get("epsilon")):
+        if not (isinstance(override, str) and override.strip()):
+            raise RecordError(
+                f"{where}: an _svb model needs the SVB settings its weights were trained with (svb_config "
+                "with a positive epsilon), or an svb_override stating why not (also stated on the model card)"
+            )
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def parse_record(text: str, source: str = PUBLISHED_FILE) -> dict[str, dict]:
+    """Parse and validate a record's JSON text; :class:`RecordError` names the problem and ``source``."""
+    try:
+        record = json.loads(text)
+    except ValueError as e:
+        raise RecordError(f"{source}: not valid JSON ({e})") from e
+    if not isinstance(record, dict):
+        raise RecordError(f"{source}: the record must be a JSON object of 'model.tag' entries")
     for name, entry in record.items():
-        if "." not in name:
-            raise ValueError(f"{PUBLISHED_FILE}: key {name!r} is not of the form 'model_name.tag'")
-        missing = [k for k in _RECORD_KEYS if k not in entry]
-        if missing:
-            raise ValueError(f"{PUBLISHED_FILE}: entry {name!r} lacks {missing}")
-        if not entry["hf_hub_id"].startswith(f"{HUB_ORG}/"):
-            raise ValueError(f"{PUBLISHED_FILE}: entry {name!r} is not in the {HUB_ORG!r} Hub organisation")
+        try:
+            check_entry(name, entry)
+        except RecordError as e:
+            raise RecordError(f"{source}: {e}") from None
     return record
 
 
-# "model_name.tag" -> {"hf_hub_id": ..., "revision": ..., "sha256": ..., "metrics": {...}}
+def _load_published() -> dict[str, dict]:
+    """Read and validate the package's record (or the one ``$TIMM_SVB_PUBLISHED_RECORD`` names)."""
+    override = os.environ.get(RECORD_ENV)
+    source = Path(override) if override else resources.files(__package__).joinpath(PUBLISHED_FILE)
+    return parse_record(source.read_text(encoding="utf-8"), str(source))
+
+
+# "model_name.tag" -> {"hf_hub_id", "revision", "sha256", "metrics", "svb_config"[, "svb_override"]}
 PUBLISHED: dict[str, dict] = _load_published()
 
 
@@ -63,7 +124,11 @@ class PretrainedWeightsNotPublishedError(RuntimeError):
 
 
 class PretrainedWeightsIntegrityError(RuntimeError):
-    """The downloaded weights of a published record entry do not have the recorded sha256."""
+    """The weights file of a recorded repository and commit does not have the recorded sha256."""
+
+
+class PretrainedWeightsFormatError(RuntimeError):
+    """A pretrained weights file is not safetensors (pickles are never loaded) or does not exist."""
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -75,41 +140,75 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def verified_weights_file(name: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
-    """Download (or find in the Hugging Face cache) the weights of record entry ``name`` at its pinned
-    revision and check their sha256; raise :class:`PretrainedWeightsIntegrityError` on a mismatch."""
-    from huggingface_hub import hf_hub_download
-
-    entry = PUBLISHED[name]
-    path = hf_hub_download(
-        entry["hf_hub_id"], WEIGHTS_FILENAME, revision=entry["revision"], cache_dir=cache_dir
-    )
-    digest = file_sha256(path)
-    if digest != entry["sha256"]:
-        raise PretrainedWeightsIntegrityError(
-            f"Pretrained weights of '{name}' ({entry['hf_hub_id']}@{entry['revision']}) are corrupt or "
-            f"tampered with: sha256 of {path} is {digest}, the timm-svb record says {entry['sha256']}. "
-            "Nothing was loaded. Delete that file from the Hugging Face cache and retry."
-        )
-    return path
+def _hub_cache_origin(path: Path) -> tuple[str, str] | None:
+    """``(repo_id, commit)`` of a file in the Hugging Face cache layout
+    (``.../models--ORG--NAME/snapshots/COMMIT/FILE``), None for any other path."""
+    snapshot, snapshots, repo = path.parent, path.parent.parent, path.parent.parent.parent
+    if snapshots.name != "snapshots" or not repo.name.startswith("models--"):
+        return None
+    return repo.name[len("models--") :].replace("--", "/"), snapshot.name  # repo names cannot hold "--"
 
 
-def with_verified_weights(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``create_model`` kwargs that load record weights from their sha256-verified file.
+def recorded_name(repo_id: str, commit: str) -> str | None:
+    """The record entry that pins ``repo_id`` at ``commit``, if any."""
+    for name, entry in PUBLISHED.items():
+        if entry["hf_hub_id"] == repo_id and entry["revision"] == commit:
+            return name
+    return None
 
-    When ``pretrained=True`` resolves to a published record entry (and no other weight source is given),
-    the weights file is downloaded and verified first and handed to timm as ``pretrained_cfg_overlay['file']``
-    (a safetensors file, loaded without pickle); any other weight source passes through unchanged.
+
+def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a safetensors weights file, checked against the record when it is a recorded one.
+
+    The bytes are read once, hashed and parsed from memory, so what is checked is what is loaded. A file in
+    the Hugging Face cache of a recorded repository at its recorded commit (however it was reached:
+    ``create_model`` with or without a tag, ``hf-hub:``, ``timm.models.load_pretrained``) must have the
+    recorded sha256 (:class:`PretrainedWeightsIntegrityError` otherwise). Anything but safetensors raises
+    :class:`PretrainedWeightsFormatError`: a pickle is never unpickled.
     """
-    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
-    cfg = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), overlay).to_dict()
-    name = f"{variant}.{cfg.get('tag')}"
-    if name not in PUBLISHED or cfg.get("hf_hub_id") != hub_cfg(name)["hf_hub_id"]:
-        return kwargs
-    if any(cfg.get(k) for k in ("source", "file", "state_dict")):
-        return kwargs
-    overlay["file"] = verified_weights_file(name, kwargs.get("cache_dir"))
-    return {**kwargs, "pretrained_cfg_overlay": overlay}
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise PretrainedWeightsFormatError(
+            f"cannot read pretrained weights {path} ({e.strerror}): timm-svb models load {WEIGHTS_FILENAME} "
+            "(safetensors) only, never a pickle such as pytorch_model.bin"
+        ) from e
+    origin = _hub_cache_origin(path)
+    name = recorded_name(*origin) if origin else None
+    if name is not None:
+        digest, expected = hashlib.sha256(data).hexdigest(), PUBLISHED[name]["sha256"]
+        if digest != expected:
+            raise PretrainedWeightsIntegrityError(
+                f"Pretrained weights of '{name}' ({origin[0]}@{origin[1]}) are corrupt or tampered with: "
+                f"sha256 of {path} is {digest}, the timm-svb record says {expected}. Nothing was loaded. "
+                "Delete that file from the Hugging Face cache and retry."
+            )
+    try:
+        return safetensors.torch.load(data)
+    except Exception as e:  # safetensors raises its own SafetensorError (and others) for foreign bytes
+        raise PretrainedWeightsFormatError(
+            f"{path} is not a safetensors file ({type(e).__name__}: {e}); timm-svb models never unpickle "
+            "weights: convert them with safetensors.torch.save_file(state_dict, 'model.safetensors')"
+        ) from e
+
+
+def route_weights(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A pretrained cfg whose weight source timm loads through the model's ``load_pretrained`` (and so
+    :func:`load_weights`), on every path.
+
+    timm calls ``model.load_pretrained(file)`` for a ``custom_load`` cfg: with ``custom_load='hf'`` for
+    Hub sources (downloading ``hf_hub_filename``, here always ``model.safetensors``, never the
+    ``pytorch_model.bin`` timm would try first), and for files and URLs. A ``local-dir:`` folder becomes its
+    ``model.safetensors`` file, where timm would fall back to a pickle in the folder.
+    """
+    cfg = dict(cfg)
+    if cfg.get("source") == "local-dir":
+        cfg.update(source=None, file=str(Path(cfg["file"]) / WEIGHTS_FILENAME))
+    if cfg.get("hf_hub_id"):
+        cfg["hf_hub_filename"] = WEIGHTS_FILENAME
+    cfg["custom_load"] = "hf"
+    return cfg
 
 
 def hub_cfg(name: str) -> dict[str, Any]:
@@ -117,9 +216,7 @@ def hub_cfg(name: str) -> dict[str, Any]:
     entry = PUBLISHED.get(name)
     if entry is None:
         return {}
-    revision = entry.get("revision")
-    hf_hub_id = f"{entry['hf_hub_id']}@{revision}" if revision else entry["hf_hub_id"]
-    return {"hf_hub_id": hf_hub_id, "hf_hub_filename": WEIGHTS_FILENAME}
+    return route_weights({"hf_hub_id": f"{entry['hf_hub_id']}@{entry['revision']}"})
 
 
 def pretrained_cfgs(
@@ -128,11 +225,13 @@ def pretrained_cfgs(
 ) -> dict[str, dict[str, Any]]:
     """Build ``generate_default_cfgs`` input: one ``model.tag`` cfg per model and data set tag.
 
-    The first tag of ``tag_cfgs`` is the default unless another tag of the model is published
-    (timm prefers tags with weights). Only published tags get a weight source.
+    The first tag of ``tag_cfgs`` is the default whatever is published: it comes last with a ``*``, which
+    makes timm put it first even after a tag with weights (that timm would otherwise make the default). Only
+    published tags get a weight source.
     """
+    default, *others = tag_cfgs
     return {
-        f"{model}.{tag}": {**cfg, **hub_cfg(f"{model}.{tag}")}
+        f"{model}.{tag}{'*' if tag == default else ''}": {**tag_cfgs[tag], **hub_cfg(f"{model}.{tag}")}
         for model in model_names
-        for tag, cfg in tag_cfgs.items()
+        for tag in (*others, default)
     }

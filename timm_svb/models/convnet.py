@@ -16,13 +16,13 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from ._helpers import build_svb_model, cifar_cfgs, he_init_
+from ._helpers import SafetensorsPretrainedMixin, build_svb_model, cifar_cfgs, he_init_
 from ._pretrained import pretrained_cfgs
 
 __all__ = ["ConvNet"]
 
 
-class ConvNet(nn.Module):
+class ConvNet(SafetensorsPretrainedMixin, nn.Module):
     """Plain (VGG-like, residual-free) ConvNet for 32x32 inputs."""
 
     def __init__(

@@ -25,7 +25,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import flatten_modules
 from torch import nn
 
-from ._helpers import build_svb_model, he_init_, in1k_cfgs
+from ._helpers import SafetensorsPretrainedMixin, build_svb_model, he_init_, in1k_cfgs
 from ._pretrained import pretrained_cfgs
 
 __all__ = ["InceptionResnetV2PreAct"]
@@ -231,7 +231,7 @@ class Block8(nn.Module):
         return x + self.conv2d(out) * self.scale
 
 
-class InceptionResnetV2PreAct(nn.Module):
+class InceptionResnetV2PreAct(SafetensorsPretrainedMixin, nn.Module):
     """Pre-activation Inception-ResNet-v2."""
 
     def __init__(

@@ -20,7 +20,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from ._helpers import build_svb_model, cifar_cfgs, he_init_
+from ._helpers import SafetensorsPretrainedMixin, build_svb_model, cifar_cfgs, he_init_
 from ._pretrained import pretrained_cfgs
 
 __all__ = ["PreActResNet", "PreActBasicBlock"]
@@ -67,7 +67,7 @@ class PreActBasicBlock(nn.Module):
         return x + shortcut
 
 
-class PreActResNet(nn.Module):
+class PreActResNet(SafetensorsPretrainedMixin, nn.Module):
     """Pre-activation (wide) ResNet for 32x32 inputs."""
 
     def __init__(
