@@ -4,6 +4,7 @@ the SVB settings, the training recipe, how to load and fine-tune, and the paper'
 from __future__ import annotations
 
 import json
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -18,26 +19,49 @@ CITATION = """@inproceedings{jia2017improving,
   archivePrefix = {arXiv}
 }"""
 
-# (metric key in the run record, model-index metric type, human readable name)
-_METRICS = (("top1_err", "top1_err", "Top-1 error (%)"), ("top5_err", "top5_err", "Top-5 error (%)"))
+# (error key in the run record, k): the model-index reports the Hub metric "accuracy" (higher is better),
+# top-k accuracy = 100 - top-k error, in percent
+_TOPK = (("top1_err", 1), ("top5_err", 5))
 
 
 def _eval_results(dataset: dict[str, Any], metrics: dict[str, Any]) -> list[EvalResult]:
-    """``model-index`` entries: top-1 / top-5 error (percent) on the run's test split."""
+    """``model-index`` entries: top-1 / top-5 accuracy (percent) on the run's test split."""
     return [
         EvalResult(
             task_type="image-classification",
             task_name="Image Classification",
             dataset_type=dataset["name"],
             dataset_name=dataset["name"],
-            dataset_split=dataset.get("test_split"),
-            metric_type=metric_type,
-            metric_name=metric_name,
-            metric_value=round(float(metrics[key]), 4),
+            dataset_split=dataset.get("test_split") or None,
+            metric_type="accuracy",
+            metric_name=f"Top-{k} accuracy (%)",
+            metric_args={"top_k": k},
+            metric_value=round(100.0 - float(metrics[key]), 4),
         )
-        for key, metric_type, metric_name in _METRICS
+        for key, k in _TOPK
         if metrics.get(key) is not None
     ]
+
+
+def _portable(value: Any) -> Any:
+    """``value`` without machine-local paths: an absolute path becomes its last component."""
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_portable(v) for v in value]
+    if isinstance(value, str) and (
+        PurePosixPath(value).is_absolute() or PureWindowsPath(value).is_absolute()
+    ):
+        return f"<local>/{PureWindowsPath(value).name}"
+    return value
+
+
+def base_model(run: dict[str, Any]) -> str | None:
+    """The Hub repo a fine-tuned run started from (``--pretrained`` with Hub weights), None otherwise."""
+    hub_id = (run.get("pretrained_cfg") or {}).get("hf_hub_id")
+    if not (run.get("recipe") or {}).get("pretrained") or not hub_id:
+        return None
+    return hub_id.split("@")[0]
 
 
 def _json_block(obj: Any) -> str:
@@ -45,10 +69,13 @@ def _json_block(obj: Any) -> str:
     return "```json\n" + json.dumps(obj, indent=2, sort_keys=True) + "\n```"
 
 
-def _svb_section(svb_config: dict[str, Any] | None) -> str:
-    """What SVB/BBN settings trained these weights (or that they were trained without SVB)."""
+def _svb_section(svb_config: dict[str, Any] | None, svb_override: str | None) -> str:
+    """What SVB/BBN settings trained these weights (or that they were trained without SVB, and why)."""
     if not svb_config:
-        return "These weights were trained **without** SVB/BBN (plain SGD, like the paper's baselines).\n"
+        why = f" Recorded under an SVB model's name on purpose: {svb_override}\n" if svb_override else ""
+        return (
+            "These weights were trained **without** SVB/BBN (plain SGD, like the paper's baselines).\n" + why
+        )
     what = "Singular Value Bounding (SVB)"
     if svb_config.get("bbn_epsilon") is not None:
         what += " and Bounded Batch Normalization (BBN)"
@@ -60,16 +87,18 @@ def _svb_section(svb_config: dict[str, Any] | None) -> str:
 
 def _results_table(dataset: dict[str, Any], metrics: dict[str, Any], checked: dict[str, Any] | None) -> str:
     """Markdown table of the run's recorded errors and, if done, the re-evaluation of the published file."""
+    split = dataset.get("test_split") or "-"
     rows = [
+        "Errors, lower is better (the model-index above reports accuracy = 100 - error).\n",
         "| data set | split | top-1 error (%) | top-5 error (%) | source |",
         "|---|---|---|---|---|",
-        f"| {dataset['name']} | {dataset.get('test_split', '')} | {metrics['top1_err']:.2f} "
+        f"| {dataset['name']} | {split} | {metrics['top1_err']:.2f} "
         f"| {metrics['top5_err']:.2f} | training run, {metrics.get('weights', 'best')} weights "
         f"(epoch {metrics.get('epoch', '?')}) |",
     ]
     if checked:
         rows.append(
-            f"| {dataset['name']} | {dataset.get('test_split', '')} | {checked['top1_err']:.2f} "
+            f"| {dataset['name']} | {split} | {checked['top1_err']:.2f} "
             f"| {checked['top5_err']:.2f} | re-evaluation of this repository's `model.safetensors` |"
         )
     else:
@@ -82,8 +111,9 @@ def _usage(repo_id: str, record_name: str | None, num_classes: int) -> str:
     zoo = ""
     if record_name:
         zoo = (
-            "\nWith `timm-svb` installed the weights are also in the timm model zoo, pinned to the published "
-            "revision and verified against their sha256 before loading:\n\n"
+            f"\nThese weights are recorded for the timm-svb model zoo as `{record_name}`. From the first "
+            f"`timm-svb` release that ships the record (`'{record_name}' in timm.list_pretrained()`), they "
+            "load by name, pinned to the published revision and checked against their sha256:\n\n"
             "```python\nimport timm\nimport timm_svb  # registers the SVB/BBN models\n\n"
             f"model = timm.create_model('{record_name}', pretrained=True).eval()\n```\n"
         )
@@ -105,6 +135,16 @@ def _usage(repo_id: str, record_name: str | None, num_classes: int) -> str:
     )
 
 
+def _fine_tuned(run: dict[str, Any]) -> str:
+    """Where a fine-tuned run started from (empty for a run from scratch)."""
+    recipe = run.get("recipe") or {}
+    if base_model(run):
+        return f"Fine-tuned from [`{base_model(run)}`](https://huggingface.co/{base_model(run)}).\n\n"
+    if recipe.get("initial_checkpoint"):
+        return "Fine-tuned from a local checkpoint (`--initial-checkpoint`), not on the Hub.\n\n"
+    return ""
+
+
 def build_model_card(
     *,
     repo_id: str,
@@ -114,6 +154,7 @@ def build_model_card(
     record_name: str | None,
     num_params: int,
     spectrum_png: str | None = None,
+    svb_override: str | None = None,
 ) -> ModelCard:
     """The model card of a published run.
 
@@ -126,6 +167,7 @@ def build_model_card(
         record_name: ``model.tag`` under which the zoo lists these weights, None if not recorded.
         num_params: Number of parameters of the model.
         spectrum_png: File name (in the repository) of the singular-value spectrum plot, if any.
+        svb_override: Why an SVB model's name holds weights trained without SVB, if it does.
     """
     dataset = run["dataset"]
     card_data = ModelCardData(
@@ -135,7 +177,8 @@ def build_model_card(
         tags=["image-classification", "timm", "timm-svb", "singular-value-bounding", "safetensors"],
         model_name=repo_id.split("/")[-1],
         eval_results=_eval_results(dataset, metrics),
-        metrics=[m[1] for m in _METRICS],
+        metrics=["accuracy"],
+        base_model=base_model(run),
     )
     if "/" in dataset["name"]:  # a Hub data set id
         card_data.datasets = [dataset["name"]]
@@ -152,14 +195,15 @@ def build_model_card(
         "## Results\n\n"
         + _results_table(dataset, metrics, checked)
         + "\n## SVB / BBN\n\n"
-        + _svb_section(run.get("svb_config"))
+        + _svb_section(run.get("svb_config"), svb_override)
         + "\n## Usage\n\n"
         + _usage(repo_id, record_name, run["num_classes"])
         + spectrum
         + "\n## Training recipe\n\n"
-        f"Model kwargs: `{json.dumps(run.get('model_kwargs', {}), sort_keys=True)}`, "
-        f"timm-svb {run.get('timm_svb_version', '?')}. Full recipe config:\n\n"
-        + _json_block(run.get("recipe", {}))
+        + _fine_tuned(run)
+        + f"Model kwargs: `{json.dumps(run.get('model_kwargs', {}), sort_keys=True)}`, "
+        f"timm-svb {run.get('timm_svb_version', '?')}. Full recipe config (local paths shortened):\n\n"
+        + _json_block(_portable(run.get("recipe", {})))
         + "\n\n## Citation\n\n```bibtex\n"
         + CITATION
         + "\n```\n"

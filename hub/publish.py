@@ -3,13 +3,18 @@
 From ``RUN_DIR`` (written by ``recipes/train.py``: ``run.json`` and ``model_{best,final}.safetensors``) it
 builds the repository folder with timm's ``save_for_hf`` (``model.safetensors``, ``config.json``) and a model
 card (``README.md``), loads the folder back through timm (``local-dir:``) and checks that its outputs equal
-the run's model, re-evaluates it on the test split when the data is reachable and refuses to publish when
-the errors differ from the run's record by more than ``--tolerance``. Then it either leaves the folder in
-``--dry-run OUT_DIR`` or uploads it with ``huggingface_hub`` and records the pinned commit and the sha256
-of the weights in the package's record of published weights (``timm_svb/models/published.json``).
+the run's model. For a zoo entry ``MODEL.TAG`` it also requires ``timm.create_model(MODEL.TAG)`` with the
+folder's weights (what ``pretrained=True`` users get) to give the same outputs, and evaluates that model: the
+re-evaluation on the test split, when the data is reachable, must match the run's record within
+``--tolerance``. Then it either leaves the folder in ``--dry-run OUT_DIR`` or uploads it with
+``huggingface_hub`` (one commit holding exactly the checked files) and records the pinned commit and the
+sha256 of the weights in the record of published weights (see ``hub/record.py`` for where it is written).
 
-    python hub/publish.py RUN_DIR --repo-id timm-svb/NAME --dry-run OUT_DIR   # build and check only
-    python hub/publish.py RUN_DIR --repo-id timm-svb/NAME --require-eval      # build, check, push, record
+    python hub/publish.py RUN_DIR --repo-id timm-svb/MODEL.TAG --dry-run OUT_DIR  # build and check only
+    python hub/publish.py RUN_DIR --repo-id timm-svb/MODEL.TAG --require-eval     # ... push, record
+
+It uses the ``timm_svb`` that Python imports (an install, or a checkout on ``PYTHONPATH``), never puts the
+checkout on ``sys.path`` ahead of it.
 """
 
 from __future__ import annotations
@@ -21,28 +26,40 @@ import json
 import logging
 import math
 import re
+import shlex
 import sys
 import tempfile
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+if not __package__:  # python hub/publish.py: import the sibling modules as the `hub` package, without
+    # putting the checkout on sys.path, where its timm_svb would shadow the one installed
+    sys.modules.setdefault("hub", types.ModuleType("hub")).__path__ = [str(Path(__file__).resolve().parent)]
+
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from timm.models import PretrainedCfg, filter_pretrained_cfg, save_for_hf
+from torch import nn
+
+import timm_svb  # registers the zoo
+from hub.card import build_model_card
+from hub.record import (
+    WEIGHTS_FILENAME,
+    RecordError,
+    file_sha256,
+    read_record,
+    record_entry,
+    record_path,
+    write_record,
+)
+from timm_svb.models._pretrained import HUB_ORG
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # run as a script: make `hub` importable
-    sys.path.insert(0, str(REPO_ROOT))
-
-import safetensors.torch  # noqa: E402
-import timm  # noqa: E402
-import torch  # noqa: E402
-from huggingface_hub import HfApi, get_token  # noqa: E402
-from timm.models import PretrainedCfg, filter_pretrained_cfg, save_for_hf  # noqa: E402
-from torch import nn  # noqa: E402
-
-import timm_svb  # noqa: E402  (registers the zoo)
-from hub.card import build_model_card  # noqa: E402
-from hub.record import WEIGHTS_FILENAME, default_record_path, file_sha256, record_entry, write_record  # noqa: E402
-from timm_svb.models._pretrained import HUB_ORG  # noqa: E402
-
 _logger = logging.getLogger("timm_svb.hub")
 
 RUN_KEYS = (
@@ -69,6 +86,18 @@ Evaluator = Callable[[nn.Module, dict[str, Any]], dict[str, float] | None]
 
 class PublishError(RuntimeError):
     """The folder cannot be published: a failed check or a missing precondition."""
+
+
+class PushedNotRecordedError(PublishError):
+    """The folder was pushed, but its record entry could not be written."""
+
+    def __init__(self, repo_id: str, revision: str, reason: str) -> None:
+        self.repo_id, self.revision = repo_id, revision
+        super().__init__(
+            f"pushed {repo_id} at revision {revision}, but the record was not written: {reason}. Fix that "
+            "and re-run the same command: the upload of the unchanged folder makes no new commit and the "
+            f"record then pins {revision}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -105,11 +134,12 @@ def default_tag(dataset_name: str) -> str:
 
 
 def export_pretrained_cfg(run: dict[str, Any], tag: str) -> dict[str, Any]:
-    """The run's preprocessing cfg as timm ``PretrainedCfg`` entries, without weight sources."""
+    """The run's preprocessing cfg as timm ``PretrainedCfg`` entries; as weight source only the file name
+    ``model.safetensors`` (timm would otherwise try ``pytorch_model.bin`` first on ``hf-hub:``)."""
     fields = {f.name for f in dataclasses.fields(PretrainedCfg)}
     cfg = {k: v for k, v in run["pretrained_cfg"].items() if k in fields and k != "state_dict"}
     cfg = filter_pretrained_cfg(cfg, remove_source=True, remove_null=True)
-    cfg.update(tag=tag, num_classes=run["num_classes"])
+    cfg.update(tag=tag, num_classes=run["num_classes"], hf_hub_filename=WEIGHTS_FILENAME)
     return cfg
 
 
@@ -152,6 +182,13 @@ def probe_input(model: nn.Module, batch_size: int = 4) -> torch.Tensor:
     return torch.randn((batch_size, *size), generator=torch.Generator().manual_seed(0))
 
 
+def same_outputs(model: nn.Module, other: nn.Module) -> bool:
+    """Whether two models (in eval mode) give bit-identical outputs on :func:`probe_input`."""
+    x = probe_input(model)
+    with torch.no_grad():
+        return torch.equal(model(x), other(x))
+
+
 def check_folder(folder: Path, model: nn.Module) -> nn.Module:
     """Load ``folder`` through timm (``local-dir:``) and check weights and outputs equal ``model``'s.
 
@@ -165,11 +202,26 @@ def check_folder(folder: Path, model: nn.Module) -> nn.Module:
     expected, got = model.state_dict(), loaded.state_dict()
     if expected.keys() != got.keys() or any(not torch.equal(expected[k], got[k]) for k in expected):
         raise PublishError(f"weights loaded back from {folder} differ from the run's")
-    x = probe_input(loaded)
-    with torch.no_grad():
-        if not torch.equal(model(x), loaded(x)):
-            raise PublishError(f"outputs of the model loaded back from {folder} differ from the run's model")
+    if not same_outputs(model, loaded):
+        raise PublishError(f"outputs of the model loaded back from {folder} differ from the run's model")
     return loaded
+
+
+def zoo_model(name: str, folder: Path, model: nn.Module) -> tuple[nn.Module | None, str | None]:
+    """``timm.create_model(name, pretrained=True)`` with the folder's weights, as zoo users get it (the
+    zoo entry's default kwargs, loaded by timm-svb's loader); ``(model, None)`` when its outputs equal
+    ``model``'s, else ``(None, why not)``."""
+    weights = str(folder / WEIGHTS_FILENAME)
+    try:
+        zoo = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": weights}).eval()
+    except RuntimeError as e:  # the weights do not fit the zoo model's layout
+        return None, f"the weights do not fit timm.create_model({name!r}) (non-default model kwargs?): {e}"
+    if not same_outputs(model, zoo):
+        return None, (
+            f"timm.create_model({name!r}) with these weights gives other outputs than the run's model: "
+            "its model kwargs change the forward pass (e.g. global_pool, act_layer)"
+        )
+    return zoo, None
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -226,16 +278,16 @@ def check_metrics(recorded: dict[str, Any], checked: dict[str, float], tolerance
 # ----------------------------------------------------------------------------------------------- record
 
 
-def zoo_mismatch(run: dict[str, Any], repo_id: str, name: str, model: nn.Module) -> str | None:
-    """Why the weights cannot be recorded as zoo entry ``name`` (None if they can).
+def zoo_mismatch(run: dict[str, Any], repo_id: str, name: str, svb_override: str | None) -> str | None:
+    """Why the run cannot be recorded as zoo entry ``name``, before building anything (None if it can).
 
-    ``timm.create_model(name, pretrained=True)`` builds the zoo model with its default kwargs and the zoo's
-    cfg for the tag, so the tag must exist, its cfg must match the run's preprocessing and classes, and the
-    default model must have exactly the run's state dict layout. SVB bands other than the zoo model's
-    defaults are only logged: ``config.json`` and the card record the bands the weights were trained with.
+    The record pins ``timm-svb/MODEL.TAG``; the tag must exist and its cfg match the run's preprocessing
+    and classes; an ``_svb`` name needs weights trained with SVB (or ``--svb-override REASON``). That the zoo
+    model gives the run's outputs is checked on the built folder (:func:`zoo_model`). SVB bands other than
+    the zoo model's defaults are only logged: ``config.json``, the card and the record keep the bands used.
     """
-    if repo_id.split("/")[0] != HUB_ORG:
-        return f"{repo_id} is not in the {HUB_ORG!r} Hub organisation"
+    if repo_id != f"{HUB_ORG}/{name}":
+        return f"the record pins {name!r} in the repo '{HUB_ORG}/{name}', not {repo_id!r}"
     try:
         zoo_cfg = timm.models.get_pretrained_cfg(name)
     except RuntimeError:  # a tag the architecture does not have
@@ -248,15 +300,17 @@ def zoo_mismatch(run: dict[str, Any], repo_id: str, name: str, model: nn.Module)
     for key in _CFG_KEYS:
         if not _same(zoo_cfg.get(key), run_cfg.get(key)):
             return f"{key}: zoo cfg {name!r} has {zoo_cfg.get(key)!r}, the run {run_cfg.get(key)!r}"
-    zoo_model = timm.create_model(name)
-    zoo_sd, run_sd = zoo_model.state_dict(), model.state_dict()
-    if {k: v.shape for k, v in zoo_sd.items()} != {k: v.shape for k, v in run_sd.items()}:
-        return f"the run's state dict does not fit timm.create_model({name!r}) (non-default model kwargs?)"
-    trained, carried = _svb_bands(run["svb_config"]), _svb_bands(getattr(zoo_model, "svb_config", None))
-    if not _same(list(trained.values()), list(carried.values())):  # informative: weights fit either way
+    trained = _svb_bands(run["svb_config"])
+    if name.split(".")[0].endswith("_svb") and not trained["epsilon"] and not svb_override:
+        return (
+            f"{name} is an SVB model but the run trained without SVB: record it under the baseline's name, "
+            "or pass --svb-override REASON (stated on the model card and in the record)"
+        )
+    carried = _svb_bands(getattr(timm.create_model(name.split(".")[0]), "svb_config", None))
+    if trained["epsilon"] and not _same(list(trained.values()), list(carried.values())):
         _logger.warning(
             "%s: trained with SVB bands %s, the zoo model's svb_config (its defaults for further "
-            "training) is %s; config.json and the card record the bands used",
+            "training) is %s; config.json, the card and the record keep the bands used",
             name,
             trained,
             carried,
@@ -279,10 +333,39 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def push_folder(folder: Path, repo_id: str, api: Any, commit_message: str, private: bool) -> str:
-    """Create the repository if needed, upload ``folder`` in one commit, return the commit id."""
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+def repo_head(api: Any, repo_id: str, private: bool, recording: bool) -> str:
+    """The current commit of ``repo_id`` (created if missing), to push on top of; refuses a private repo
+    when recording (zoo users could not download from it), before anything is uploaded."""
+    try:
+        info = api.repo_info(repo_id)
+    except RepositoryNotFoundError:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.repo_info(repo_id)
+    if info.private and recording:
+        raise PublishError(
+            f"{repo_id} is private: users of the zoo could not download the recorded weights. Make it public "
+            "or pass --no-record; nothing was uploaded"
+        )
+    return info.sha
+
+
+def push_folder(folder: Path, repo_id: str, api: Any, commit_message: str, parent_commit: str) -> str:
+    """Upload ``folder`` in one commit on top of ``parent_commit`` that holds exactly its files (every other
+    file of the repo is deleted, but ``.gitattributes``); returns the commit id. A push that raced another
+    one fails (``parent_commit``) and nothing is recorded."""
+    try:
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            commit_message=commit_message,
+            parent_commit=parent_commit,
+            delete_patterns="*",
+        )
+    except HfHubHTTPError as e:
+        raise PublishError(
+            f"upload to {repo_id} failed ({e}); nothing was recorded. If another push changed the repo "
+            "meanwhile, check it and re-run"
+        ) from e
     return info.oid
 
 
@@ -301,9 +384,15 @@ class PublishOptions:
     require_eval: bool = False
     record: Path | None = None
     no_record: bool = False
+    svb_override: str | None = None
     commit_message: str | None = None
     private: bool = False
     data_dir: Path | None = None
+
+    @property
+    def recording(self) -> bool:
+        """Whether this publication writes a record entry."""
+        return self.dry_run is None and not self.no_record
 
 
 def _out_folder(dry_run: Path | None, tmp: str) -> Path:
@@ -326,14 +415,26 @@ class Release:
     name: str  # zoo entry "model.tag"
     not_recordable: str | None  # why the zoo cannot list them, None if it can
     recorded: dict[str, Any]  # the run's metrics of these weights
+    record: Path | None  # the record to write, None when not recording
 
 
 def prepare(run_dir: Path, opts: PublishOptions) -> Release:
-    """Check the preconditions and load the run; refuse early what could not be pushed or recorded."""
+    """Check the preconditions, the record and the run; refuse early what could not be pushed or recorded."""
     if opts.dry_run is None and get_token() is None:
         raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", opts.repo_id):
         raise PublishError(f"--repo-id must be ORG/NAME, got {opts.repo_id!r}")
+    if opts.private and opts.recording:
+        raise PublishError(
+            "--private: users of the zoo could not download the recorded weights (--no-record)"
+        )
+    record = None
+    if opts.recording:  # read and check the record now, not after the push
+        try:
+            record = record_path(opts.record)
+            read_record(record, writable=True)
+        except RecordError as e:
+            raise PublishError(f"{e}; nothing was uploaded") from e
     run = load_run(run_dir)
     if run.get("status", "finished") != "finished" or not run["metrics"].get(opts.weights):
         raise PublishError(
@@ -342,23 +443,34 @@ def prepare(run_dir: Path, opts: PublishOptions) -> Release:
     model = load_run_model(run, run_dir / f"model_{opts.weights}.safetensors")
     tag = opts.tag or default_tag(run["dataset"]["name"])
     name = f"{model.pretrained_cfg['architecture']}.{tag}"
-    not_recordable = zoo_mismatch(run, opts.repo_id, name, model)
-    if not_recordable:
-        _logger.warning("not recordable as zoo entry %r: %s", name, not_recordable)
-        if opts.dry_run is None and not opts.no_record:
-            raise PublishError(
-                f"cannot record the weights as {name!r}: {not_recordable} (or use --no-record)"
-            )
     recorded = {**run["metrics"][opts.weights], "weights": opts.weights}
-    return Release(run, model, tag, name, not_recordable, recorded)
+    rel = Release(
+        run, model, tag, name, zoo_mismatch(run, opts.repo_id, name, opts.svb_override), recorded, record
+    )
+    _refuse_unrecordable(rel, opts)
+    return rel
+
+
+def _refuse_unrecordable(rel: Release, opts: PublishOptions) -> None:
+    """Log why the weights are not recordable; refuse when this publication records them."""
+    if rel.not_recordable:
+        _logger.warning("not recordable as zoo entry %r: %s", rel.name, rel.not_recordable)
+        if opts.recording:
+            raise PublishError(
+                f"cannot record the weights as {rel.name!r}: {rel.not_recordable} (or use --no-record)"
+            )
 
 
 def build_checked_folder(rel: Release, folder: Path, opts: PublishOptions, evaluator: Evaluator) -> dict:
-    """Write the repo folder, load it back and compare, re-evaluate, add the card; returns the metrics
-    to record (the run's, plus the re-evaluation or None)."""
+    """Write the repo folder, load it back and compare (as ``local-dir:`` and, for a zoo entry, as the zoo
+    model), re-evaluate the model users get, add the card; returns the metrics to record."""
     write_folder(rel.model, rel.run, folder, rel.tag)
     loaded = check_folder(folder, rel.model)
     _logger.info("loaded back %s through timm: weights and outputs identical to the run's model", folder)
+    if rel.not_recordable is None:
+        zoo, rel.not_recordable = zoo_model(rel.name, folder, rel.model)
+        _refuse_unrecordable(rel, opts)
+        loaded = zoo or loaded
     checked = evaluator(loaded, rel.run)
     if checked is None and opts.require_eval:
         raise PublishError("--require-eval: the test data is not reachable, nothing published")
@@ -376,9 +488,10 @@ def build_checked_folder(rel: Release, folder: Path, opts: PublishOptions, evalu
         run=rel.run,
         metrics=rel.recorded,
         checked=checked,
-        record_name=None if rel.not_recordable or opts.no_record else rel.name,
+        record_name=rel.name if opts.recording else None,
         num_params=sum(p.numel() for p in rel.model.parameters()),
         spectrum_png=write_spectrum(loaded, rel.run, folder),
+        svb_override=opts.svb_override,
     )
     card.save(folder / "README.md")
     dataset = rel.run["dataset"]
@@ -398,26 +511,30 @@ def push_and_record(
         f"Add {rel.name} weights ({rel.run['dataset']['name']}: top-1 err {rel.recorded['top1_err']:.2f}%)"
     )
     api = api_factory(library_name="timm-svb", library_version=timm_svb.__version__)
-    revision = push_folder(folder, opts.repo_id, api, message, opts.private)
+    head = repo_head(api, opts.repo_id, opts.private, opts.recording)
+    revision = push_folder(folder, opts.repo_id, api, message, head)
     _logger.info("pushed %s at revision %s", opts.repo_id, revision)
-    if opts.no_record:
+    if rel.record is None:
         return {"revision": revision}
-    record = opts.record or default_record_path()
-    write_record(record, rel.name, record_entry(folder, opts.repo_id, revision, metrics))
-    _logger.info("recorded %s in %s", rel.name, record)
-    return {"revision": revision, "record": str(record)}
+    try:
+        entry = record_entry(folder, rel.name, revision, metrics, rel.run["svb_config"], opts.svb_override)
+        write_record(rel.record, rel.name, entry)
+    except (OSError, RecordError) as e:
+        raise PushedNotRecordedError(opts.repo_id, revision, str(e)) from e
+    _logger.info("recorded %s in %s", rel.name, rel.record)
+    return {"revision": revision, "record": str(rel.record)}
 
 
 def publish(
     run_dir: Path,
     opts: PublishOptions,
     evaluator: Evaluator | None = None,
-    api_factory: Callable[..., Any] = HfApi,
+    api_factory: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Build, check and (unless a dry run) push and record a run's weights; returns a summary.
 
-    ``evaluator`` re-evaluates the loaded-back model (default: the recipe's test loader and ``evaluate``);
-    ``api_factory`` builds the ``HfApi`` that pushes (tests pass a recording stand-in).
+    ``evaluator`` re-evaluates the model users get (default: the recipe's test loader and ``evaluate``);
+    ``api_factory`` builds the ``HfApi`` that pushes (default: ``huggingface_hub.HfApi``; tests: a stand-in).
     """
     evaluator = evaluator or functools.partial(recipe_evaluator, data_dir=opts.data_dir)
     rel = prepare(run_dir, opts)
@@ -436,7 +553,7 @@ def publish(
         }
         if opts.dry_run is not None:
             return {**summary, "dry_run": str(folder)}
-        return {**summary, **push_and_record(rel, folder, metrics, opts, api_factory)}
+        return {**summary, **push_and_record(rel, folder, metrics, opts, api_factory or HfApi)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -447,13 +564,18 @@ def build_parser() -> argparse.ArgumentParser:
             "Publish a training run (the run folder of recipes/train.py) as a Hugging Face Hub model repo:\n"
             "model.safetensors + config.json (timm's save_for_hf; never a pickle) + README.md model card\n"
             "(model-index top-1/top-5 error, SVB settings, recipe, citation, spectrum plot).\n\n"
-            "Checks before anything is published: the folder is loaded back through timm ('local-dir:') and\n"
-            "must give outputs identical to the run's model; it is re-evaluated on the test split when the\n"
-            "data is reachable and refused when the errors differ from run.json by more than --tolerance.\n\n"
+            "Checks before anything is published: the folder is loaded back through timm ('local-dir:')\n"
+            "and must give outputs identical to the run's model, and so must timm.create_model(MODEL.TAG)\n"
+            "with the folder's weights (what pretrained=True users get) for a zoo entry; that model is\n"
+            "re-evaluated on the test split when the data is reachable and refused when the errors differ\n"
+            "from run.json by more than --tolerance. The record is read and checked before any upload.\n\n"
             "--dry-run OUT_DIR stops there and leaves the folder in OUT_DIR. Otherwise it is uploaded\n"
-            "with huggingface_hub in one commit (token from HF_TOKEN or the `hf auth login` cache; never\n"
-            "printed or written) and recorded (repo id, commit, sha256 of model.safetensors, metrics) in\n"
-            "timm_svb/models/published.json, from which timm.create_model(MODEL.TAG, pretrained=True) loads."
+            "with huggingface_hub in one commit holding exactly the checked files, on top of the repo's\n"
+            "current commit (token from HF_TOKEN or the `hf auth login` cache; never printed or written),\n"
+            "and recorded (repo id, commit, sha256 of model.safetensors, metrics, SVB settings) in the\n"
+            "record (--record), from which timm.create_model(MODEL.TAG, pretrained=True) loads. A failed\n"
+            "push records nothing; after a failure past the push, re-running the same command is safe\n"
+            "(an unchanged folder makes no new commit)."
         ),
         epilog=(
             "examples:\n"
@@ -474,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--repo-id",
         required=True,
         metavar="ORG/NAME",
-        help=f"Hub model repo; only repos of the {HUB_ORG!r} org can be recorded",
+        help=f"Hub model repo; recorded only as {HUB_ORG}/MODEL.TAG, the zoo entry's name",
     )
     p.add_argument(
         "--dry-run",
@@ -516,15 +638,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--record",
         type=Path,
         metavar="JSON",
-        help="record file to update (default: the package's timm_svb/models/published.json)",
+        help="record file to update (default: timm_svb/models/published.json of the imported timm_svb, "
+        "when that is a source checkout; never a record inside site-packages)",
     )
     p.add_argument(
         "--no-record",
         action="store_true",
         help="push without recording (e.g. to a personal repo outside the org)",
     )
+    p.add_argument(
+        "--svb-override",
+        metavar="REASON",
+        help="record an _svb model trained without SVB; REASON is stated on the card and in the record",
+    )
     p.add_argument("--commit-message", help="Hub commit message (default: 'Add MODEL.TAG weights (...)')")
-    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    p.add_argument(
+        "--private", action="store_true", help="create the Hub repo as private (only with --no-record)"
+    )
     return p
 
 
@@ -537,6 +667,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = publish(args.run_dir, opts)
     except PublishError as e:
         _logger.error("%s", e)
+        if isinstance(e, PushedNotRecordedError):
+            command = shlex.join(["python", "hub/publish.py", *(sys.argv[1:] if argv is None else argv)])
+            print(f"pushed revision: {e.revision}\nto finish, re-run: {command}", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2))
     return 0

@@ -1,53 +1,125 @@
-"""The package's record of published weights (``timm_svb/models/published.json``): entries and writing.
+"""The package's record of published weights (``timm_svb/models/published.json``): where it is, its entries,
+and writing them.
 
-An entry ``"model_name.tag": {"hf_hub_id", "revision", "sha256", "metrics"}`` pins the Hub commit that holds
-the weights and the sha256 of its ``model.safetensors``; the zoo derives its pretrained cfgs from it.
+An entry ``"model_name.tag": {"hf_hub_id", "revision", "sha256", "metrics", "svb_config"}`` pins the Hub
+commit that holds the weights and the sha256 of its ``model.safetensors``; the zoo derives its pretrained cfgs
+from it. Entries are validated on read and on write (``timm_svb.models._pretrained.check_entry``).
+
+Where the record is written (one rule): ``--record PATH`` when given; otherwise the ``published.json`` of the
+``timm_svb`` that is imported (the one that checked the weights), and only when that ``timm_svb`` is a
+source checkout (an editable install or ``PYTHONPATH``). A record inside an installed package
+(``site-packages``) is never written: it would be lost with the next install and ship nowhere.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from timm_svb.models._pretrained import WEIGHTS_FILENAME, file_sha256
+from filelock import FileLock
 
-__all__ = ["WEIGHTS_FILENAME", "default_record_path", "file_sha256", "record_entry", "write_record"]
+import timm_svb.models
+from timm_svb.models._pretrained import (
+    HUB_ORG,
+    WEIGHTS_FILENAME,
+    RecordError,
+    check_entry,
+    file_sha256,
+    parse_record,
+)
 
-_COMMIT = re.compile(r"[0-9a-f]{40}")
+__all__ = [
+    "WEIGHTS_FILENAME",
+    "RecordError",
+    "default_record_path",
+    "file_sha256",
+    "read_record",
+    "record_entry",
+    "record_path",
+    "write_record",
+]
+
+_INSTALLED = ("site-packages", "dist-packages")
 
 
 def default_record_path() -> Path:
-    """The record shipped with the package (in the source tree for an editable install)."""
-    import timm_svb.models
-
+    """The record of the imported ``timm_svb`` (in the source tree for an editable install)."""
     return Path(timm_svb.models.__file__).resolve().parent / "published.json"
 
 
+def record_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The record to write (see the module docstring); :class:`RecordError` when the rule forbids it."""
+    path = Path(explicit).resolve() if explicit is not None else default_record_path()
+    if any(part in _INSTALLED for part in path.parts):
+        raise RecordError(
+            f"{path} is inside an installed package: the record must be written into a source checkout "
+            "(pip install -e . from it, or pass --record path/to/checkout/timm_svb/models/published.json)"
+        )
+    if explicit is None and not (path.parents[2] / "pyproject.toml").is_file():
+        raise RecordError(f"{path} is not in a source checkout of timm-svb: pass --record PATH")
+    return path
+
+
+def read_record(path: str | os.PathLike[str], writable: bool = False) -> dict[str, dict]:
+    """Parse and validate the record at ``path``; with ``writable``, also check that it can be replaced."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RecordError(f"cannot read the record {path}: {e.strerror}") from e
+    record = parse_record(text, str(path))
+    if writable and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
+        raise RecordError(f"the record {path} (or its folder) is not writable")
+    return record
+
+
 def record_entry(
-    folder: str | os.PathLike[str], repo_id: str, revision: str, metrics: dict[str, Any]
-) -> dict:
-    """The record entry of a published folder: repo id, pinned commit, sha256 of its weights, metrics."""
-    if not _COMMIT.fullmatch(revision):
-        raise ValueError(f"revision must be a full 40-hex commit id, got {revision!r}")
-    return {
-        "hf_hub_id": repo_id,
+    folder: str | os.PathLike[str],
+    name: str,
+    revision: str,
+    metrics: dict[str, Any],
+    svb_config: dict[str, Any] | None,
+    svb_override: str | None = None,
+) -> dict[str, Any]:
+    """The (validated) record entry ``name`` of a published folder: repo id, pinned commit, sha256 of its
+    weights, metrics and the SVB settings the weights were trained with."""
+    entry = {
+        "hf_hub_id": f"{HUB_ORG}/{name}",
         "revision": revision,
         "sha256": file_sha256(Path(folder) / WEIGHTS_FILENAME),
         "metrics": metrics,
+        "svb_config": svb_config,
+        **({"svb_override": svb_override} if svb_override else {}),
     }
+    check_entry(name, entry)
+    return entry
 
 
 def write_record(path: str | os.PathLike[str], name: str, entry: dict[str, Any]) -> None:
-    """Add (or replace) ``name`` in the record at ``path``, atomically, keys sorted."""
+    """Add (or replace) ``name`` in the record at ``path``: validated, under a lock (concurrent writers keep
+    each other's entries), atomically, keys sorted, the file's mode kept."""
+    check_entry(name, entry)
     path = Path(path)
-    record = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    record[name] = entry
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".published-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    with FileLock(_lock_file(path)):
+        record = read_record(path)
+        record[name] = entry
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".published-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(record, f, indent=2, sort_keys=True)
+                f.write("\n")
+            os.chmod(tmp, path.stat().st_mode & 0o7777)  # mkstemp makes 0600: others could not import
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _lock_file(path: Path) -> Path:
+    """A lock file for ``path`` in the temporary folder (not beside the record, in the checkout)."""
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"timm-svb-record-{key}.lock"
