@@ -1,71 +1,59 @@
-"""Publishing weights (hub/publish.py), fully offline: dry run, load back, push to a recording stand-in for
-``HfApi``, ``pretrained=True`` from the record through a temporary Hugging Face cache, sha256 verification
-and fine-tuning."""
+"""Publishing weights (hub/publish.py), fully offline: dry run, load back, the zoo model checked and
+evaluated, push to an in-memory stand-in for ``HfApi`` (huggingface_hub's own ``upload_folder``), the record
+(checked before any upload, validated, mode kept, locked), ``pretrained=True`` from the record through a
+temporary Hugging Face cache on every loading path with sha256 verification, no pickle ever, and the
+README's maintainer steps end to end."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.util
 import io
 import json
 import logging
+import multiprocessing
 import os
+import pickle
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
-import huggingface_hub
 import pytest
 import safetensors.torch
 import timm
 import torch
+from hub_helpers import (
+    REPO_ROOT,
+    HubStandIn,
+    child_env,
+    fake_commit,
+    folder_files,
+    offline_hf,
+    place_in_hf_cache,
+    publish_fake,
+    run_record_tests,
+    write_json,
+)
 from huggingface_hub import ModelCard
+from huggingface_hub.errors import EntryNotFoundError
 from torch import nn
 
 import timm_svb  # noqa: F401  (registers the zoo)
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from hub import publish as pub  # noqa: E402
-from hub.record import file_sha256  # noqa: E402
+from hub import publish as pub
+from hub import record as hub_record
+from hub.record import RecordError, file_sha256, read_record, record_path, write_record
+from timm_svb.models._pretrained import PretrainedWeightsFormatError
 
 MODEL = "convnet20_svb"
 TAG = "cifar10"
-REPO_ID = f"timm-svb/{MODEL}.{TAG}-test"
+NAME = f"{MODEL}.{TAG}"
+REPO_ID = f"timm-svb/{NAME}"
 FAKE_TOKEN = "hf_FAKEtokenFORtests0123456789abcdefXYZ"
-FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def _spectrum_plot_available() -> bool:
-    """Whether publishing plots the spectrum (``timm_svb.spectrum`` and matplotlib importable)."""
-    return all(importlib.util.find_spec(m) is not None for m in ("timm_svb.spectrum", "matplotlib"))
-
-
-SPECTRUM = _spectrum_plot_available()
-EXPECTED_FILES = {"README.md", "config.json", "model.safetensors"} | ({"spectrum.png"} if SPECTRUM else set())
-
-
-# --------------------------------------------------------------------------------------------- fixtures
-
-
-@contextlib.contextmanager
-def offline_hf(root: Path):
-    """Offline Hugging Face settings with temporary caches and no token (env and constants)."""
-    with pytest.MonkeyPatch.context() as mp:
-        for var, sub in (("HF_HOME", "home"), ("HF_HUB_CACHE", "hub"), ("HF_TOKEN_PATH", "home/token")):
-            mp.setenv(var, str(root / sub))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
-            mp.delenv(var, raising=False)
-        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-        mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root / "hub"))
-        mp.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(root / "home/token"))
-        yield mp
+EXPECTED_FILES = {"README.md", "config.json", "model.safetensors", "spectrum.png"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,11 +63,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """Environment of a child python: offline, one thread."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
 @pytest.fixture(autouse=True)
@@ -105,11 +88,12 @@ def synthetic_evaluator(model: nn.Module, run: dict[str, Any]) -> dict[str, floa
     }
 
 
-def make_run(run_dir: Path) -> Path:
+def make_run(run_dir: Path, **model_kwargs: Any) -> Path:
     """A tiny run folder as recipes/train.py writes it; its metrics are measured on the synthetic split."""
     run_dir.mkdir(parents=True)
     torch.manual_seed(0)
-    model = timm.create_model(MODEL, num_classes=10)
+    model_kwargs = {"num_classes": 10, **model_kwargs}
+    model = timm.create_model(MODEL, **model_kwargs).eval()
     with torch.no_grad():  # move away from the init so that a wrong load would show
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -118,9 +102,9 @@ def make_run(run_dir: Path) -> Path:
     metrics = {"epoch": 3, **synthetic_evaluator(model, {})}
     run = {
         "model": MODEL,
-        "model_kwargs": {"num_classes": 10},
+        "model_kwargs": model_kwargs,
         "num_classes": 10,
-        "svb_config": {"epsilon": 0.5, "bbn_epsilon": 1.0},
+        "svb_config": {"epsilon": 0.5, "bbn_epsilon": 1.0, "every_n_steps": 10},
         "dataset": {
             "name": "uoft-cs/cifar10",
             "test_split": "test",
@@ -136,6 +120,14 @@ def make_run(run_dir: Path) -> Path:
     return run_dir
 
 
+def edit_run(src: Path, dst: Path, **changes: Any) -> Path:
+    """A copy of run folder ``src`` with top-level ``run.json`` entries replaced."""
+    shutil.copytree(src, dst)
+    run = json.loads((dst / "run.json").read_text())
+    (dst / "run.json").write_text(json.dumps({**run, **changes}))
+    return dst
+
+
 def run_model(run_dir: Path) -> nn.Module:
     """The run's model with its best weights."""
     run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
@@ -147,83 +139,54 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_run(tmp_path_factory.mktemp("runs") / "tiny")
 
 
-class CommitInfoStandIn:
-    """What ``HfApi.upload_folder`` returns, as far as the publisher reads it."""
-
-    def __init__(self, oid: str) -> None:
-        self.oid = oid
-
-
-class RecordingHfApi:
-    """Stand-in for ``huggingface_hub.HfApi``: records every call, sends nothing."""
-
-    instances: list[RecordingHfApi] = []
-
-    def __init__(self, upload_copy: Path, **kwargs: Any) -> None:
-        self.init_kwargs = kwargs
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-        self.upload_copy = upload_copy
-        RecordingHfApi.instances.append(self)
-
-    def create_repo(self, repo_id: str, **kwargs: Any) -> str:
-        self.calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
-        return f"https://huggingface.co/{repo_id}"
-
-    def upload_folder(self, *, repo_id: str, folder_path: str, **kwargs: Any) -> CommitInfoStandIn:
-        files = sorted(p.name for p in Path(folder_path).iterdir())
-        self.calls.append(("upload_folder", {"repo_id": repo_id, "files": files, **kwargs}))
-        shutil.copytree(folder_path, self.upload_copy)
-        return CommitInfoStandIn(FAKE_COMMIT)
+def empty_record(path: Path) -> Path:
+    """A record file ``{}`` with the usual mode of a checked-out file."""
+    write_json(path, {})
+    os.chmod(path, 0o644)
+    return path
 
 
-def place_in_hf_cache(folder: Path, repo_id: str, revision: str, cache: Path) -> Path:
-    """Lay ``folder`` out in ``cache`` exactly as ``hf_hub_download`` does: blobs named by their etag (sha256
-    for LFS files such as weights, git blob sha1 otherwise), snapshot symlinks, ``refs/main``."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "blobs").mkdir(parents=True)
-    (repo / "snapshots" / revision).mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
-    for f in folder.iterdir():
-        data = f.read_bytes()
-        if f.suffix == ".safetensors":
-            etag = hashlib.sha256(data).hexdigest()
-        else:
-            etag = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-        shutil.copyfile(f, repo / "blobs" / etag)
-        (repo / "snapshots" / revision / f.name).symlink_to(Path("../../blobs") / etag)
-    return repo
+def push(run_dir: Path, api: HubStandIn, evaluator: Any = synthetic_evaluator, **opts: Any) -> dict[str, Any]:
+    """``publish`` to the stand-in with a fake token."""
+    opts = {"repo_id": REPO_ID, **opts}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_TOKEN", FAKE_TOKEN)
+        return pub.publish(
+            run_dir,
+            pub.PublishOptions(**opts),
+            evaluator=evaluator,
+            api_factory=lambda **kw: (api.init_kwargs.update(kw), api)[1],
+        )
 
 
 @pytest.fixture(scope="module")
 def pushed(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Publish the tiny run to the recording stand-in with a fake token; capture every output."""
+    """Publish the tiny run to the stand-in, over an earlier publish that left other files in the repo, with a
+    record of two other entries; capture every output."""
     root = tmp_path_factory.mktemp("pushed")
-    record = root / "published.json"
-    record.write_text("{}\n")
-    upload_copy = root / "uploaded"
+    cache = root / "cache"
+    record = write_json(root / "published.json", publish_fake(["preact_resnet20.cifar10"], cache, root / "w"))
+    record = write_json(
+        record, {**read_record(record), **publish_fake(["convnet20.cifar100"], cache, root / "w")}
+    )
+    os.chmod(record, 0o644)
+    api = HubStandIn()
+    stale = api.add_repo(
+        REPO_ID, {"pytorch_model.bin": b"old pickle", "model.safetensors": b"old", "x/y.txt": b""}
+    )
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    handler.setLevel(logging.DEBUG)
     root_logger = logging.getLogger()
     old_level = root_logger.level
     root_logger.addHandler(handler)
     root_logger.setLevel(logging.DEBUG)
-    RecordingHfApi.instances.clear()
     try:
         with (
-            offline_hf(root / "hf") as mp,
+            offline_hf(root / "hf"),
             contextlib.redirect_stdout(stream),
             contextlib.redirect_stderr(stream),
         ):
-            mp.setenv("HF_TOKEN", FAKE_TOKEN)
-            opts = pub.PublishOptions(repo_id=REPO_ID, record=record)
-            summary = pub.publish(
-                tiny_run,
-                opts,
-                evaluator=synthetic_evaluator,
-                api_factory=lambda **kw: RecordingHfApi(upload_copy, **kw),
-            )
+            summary = push(tiny_run, api, record=record)
             print(json.dumps(summary))
     finally:
         root_logger.removeHandler(handler)
@@ -231,19 +194,21 @@ def pushed(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return {
         "summary": summary,
         "record": record,
-        "uploaded": upload_copy,
+        "cache": cache,
+        "api": api,
+        "stale": stale,
         "output": stream.getvalue(),
-        "apis": list(RecordingHfApi.instances),
     }
 
 
-# ------------------------------------------------------------------------------------------------ tests
+# ------------------------------------------------------------------------------------------ dry run, card
 
 
 def test_help_documents_dry_run() -> None:
     text = pub.build_parser().format_help()
     for option in ("--dry-run", "OUT_DIR", "--repo-id", "--tolerance", "--require-eval", "--no-record"):
         assert option in text
+    assert "--svb-override" in text and "site-packages" in text
 
 
 def test_dry_run_loads_back_identically(tiny_run: Path, tmp_path: Path) -> None:
@@ -252,7 +217,7 @@ def test_dry_run_loads_back_identically(tiny_run: Path, tmp_path: Path) -> None:
         tiny_run, pub.PublishOptions(repo_id=REPO_ID, dry_run=out), evaluator=synthetic_evaluator
     )
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES == set(summary["files"])
-    assert summary["recordable"] and summary["record_name"] == f"{MODEL}.{TAG}"
+    assert summary["recordable"] and summary["record_name"] == NAME
     assert summary["sha256"] == file_sha256(out / "model.safetensors")
 
     loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
@@ -263,19 +228,45 @@ def test_dry_run_loads_back_identically(tiny_run: Path, tmp_path: Path) -> None:
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == MODEL and config["num_classes"] == 10
     assert config["label_names"] == [f"class{i}" for i in range(10)]
-    assert config["svb_config"] == {"epsilon": 0.5, "bbn_epsilon": 1.0}
+    assert config["svb_config"] == {"epsilon": 0.5, "bbn_epsilon": 1.0, "every_n_steps": 10}
     cfg = config["pretrained_cfg"]
     assert cfg["input_size"] == [3, 32, 32] and cfg["tag"] == TAG
     assert cfg["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])
+    assert cfg["hf_hub_filename"] == "model.safetensors"  # hf-hub: never tries pytorch_model.bin first
     assert not {"file", "hf_hub_id", "url", "source"} & cfg.keys()
 
+
+def test_card_fields(tiny_run: Path, tmp_path: Path) -> None:
+    """Hub metric ids (accuracy = 100 - error), no "None" split, no local paths, base_model of a fine-tuned
+    run, and no zoo claim before a release ships the record."""
+    run = json.loads((tiny_run / "run.json").read_text())
+    recipe = {
+        **run["recipe"],
+        "output": str(tmp_path / "runs" / "x"),
+        "data_dir": str(tmp_path / "data"),
+        "config": str(tmp_path / "cfg.yaml"),
+        "resume": str(tmp_path / "runs" / "x" / "checkpoints"),
+        "pretrained": True,
+    }
+    pretrained_cfg = {**run["pretrained_cfg"], "hf_hub_id": "timm-svb/convnet20_svb.cifar100@" + "a" * 40}
+    dataset = {**run["dataset"], "test_split": None, "data_dir": str(tmp_path / "data")}
+    run_dir = edit_run(
+        tiny_run, tmp_path / "run", recipe=recipe, pretrained_cfg=pretrained_cfg, dataset=dataset
+    )
+    out = tmp_path / "out"
+    pub.publish(run_dir, pub.PublishOptions(repo_id=REPO_ID, dry_run=out), evaluator=synthetic_evaluator)
     card = ModelCard.load(out / "README.md")
-    results = {r.metric_type: r for r in card.data.eval_results}
-    recorded = json.loads((tiny_run / "run.json").read_text())["metrics"]["best"]
-    assert results["top1_err"].metric_value == pytest.approx(recorded["top1_err"])
-    assert results["top5_err"].metric_value == pytest.approx(recorded["top5_err"])
-    assert results["top1_err"].dataset_name == "uoft-cs/cifar10"
-    assert results["top1_err"].dataset_split == "test"
+    recorded = run["metrics"]["best"]
+    results = {r.metric_name: r for r in card.data.eval_results}
+    assert {r.metric_type for r in card.data.eval_results} == {"accuracy"} and card.data.metrics == [
+        "accuracy"
+    ]
+    assert results["Top-1 accuracy (%)"].metric_value == pytest.approx(100 - recorded["top1_err"], abs=1e-4)
+    assert results["Top-5 accuracy (%)"].metric_value == pytest.approx(100 - recorded["top5_err"], abs=1e-4)
+    assert results["Top-1 accuracy (%)"].dataset_name == "uoft-cs/cifar10"
+    assert all(r.dataset_split is None for r in card.data.eval_results)
+    assert "None" not in card.content and "lower is better" in card.content
+    assert card.data.base_model == "timm-svb/convnet20_svb.cifar100"
     for text in (
         "@inproceedings{jia2017improving",
         "num_classes=5",
@@ -284,25 +275,25 @@ def test_dry_run_loads_back_identically(tiny_run: Path, tmp_path: Path) -> None:
         "bbn_epsilon",
     ):
         assert text in card.content
-    assert ("![Singular values of every weight layer](spectrum.png)" in card.content) == SPECTRUM
+    assert "![Singular values of every weight layer](spectrum.png)" in card.content
+    assert "model zoo" not in card.content  # a dry run records nothing
+    for f in out.iterdir():
+        assert str(tmp_path).encode() not in f.read_bytes(), f.name
+    card = pub.build_model_card(
+        repo_id=REPO_ID, run=run, metrics=recorded, checked=None, record_name=NAME, num_params=1
+    )
+    assert "From the first `timm-svb` release that ships the record" in card.content
+    assert card.data.base_model is None  # trained from scratch
 
 
 def test_cli_dry_run_without_test_data(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    env = subprocess_env()
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "hub" / "publish.py"),
-            str(tiny_run),
-            "--repo-id",
-            REPO_ID,
-            "--dry-run",
-            str(out),
-        ],
+        [sys.executable, str(REPO_ROOT / "hub" / "publish.py"), str(tiny_run), "--repo-id", REPO_ID]
+        + ["--dry-run", str(out)],
         capture_output=True,
         text=True,
-        env=env,
+        env=child_env(),
         timeout=300,
         check=False,
     )
@@ -313,12 +304,42 @@ def test_cli_dry_run_without_test_data(tiny_run: Path, tmp_path: Path) -> None:
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES
 
 
+def test_script_does_not_shadow_the_imported_timm_svb(tmp_path: Path) -> None:
+    """``python hub/publish.py`` imports the ``timm_svb`` Python finds (here a copy on PYTHONPATH standing for
+    an installed one), not the checkout's, and leaves sys.path alone."""
+    site = tmp_path / "site"
+    shutil.copytree(REPO_ROOT / "timm_svb", site / "timm_svb", ignore=shutil.ignore_patterns("__pycache__"))
+    script = textwrap.dedent(
+        f"""
+        import runpy, sys
+        sys.argv = ["hub/publish.py", "--help"]
+        try:
+            runpy.run_path({str(REPO_ROOT / "hub" / "publish.py")!r}, run_name="__main__")
+        except SystemExit:
+            pass
+        import timm_svb
+        print(timm_svb.__file__)
+        print({str(REPO_ROOT)!r} in sys.path)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**child_env(), "PYTHONPATH": str(site)},
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    imported, repo_on_path = proc.stdout.strip().splitlines()[-2:]
+    assert imported == str(site / "timm_svb" / "__init__.py") and repo_on_path == "False"
+
+
 def test_refuses_metrics_beyond_tolerance(tiny_run: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    shutil.copytree(tiny_run, run_dir)
-    run = json.loads((run_dir / "run.json").read_text())
-    run["metrics"]["best"]["top1_err"] += 2.0
-    (run_dir / "run.json").write_text(json.dumps(run))
+    run = json.loads((tiny_run / "run.json").read_text())
+    best = {**run["metrics"]["best"], "top1_err": run["metrics"]["best"]["top1_err"] + 2.0}
+    run_dir = edit_run(tiny_run, tmp_path / "run", metrics={"best": best, "final": best})
     with pytest.raises(pub.PublishError, match="top1_err .* refusing to publish"):
         pub.publish(
             run_dir,
@@ -337,11 +358,12 @@ def test_tags_and_unrecordable_runs(tiny_run: Path, tmp_path: Path) -> None:
     assert pub.default_tag("uoft-cs/cifar10") == "cifar10"
     assert pub.default_tag("ILSVRC/imagenet-1k") == "in1k"
     assert pub.default_tag("sklearn-digits") == "sklearn_digits"
-    run_dir = tmp_path / "run"
-    shutil.copytree(tiny_run, run_dir)
-    run = json.loads((run_dir / "run.json").read_text())
-    run["pretrained_cfg"]["mean"] = [0.5, 0.5, 0.5]  # preprocessing the zoo cfg cifar10 does not have
-    (run_dir / "run.json").write_text(json.dumps(run))
+    run = json.loads((tiny_run / "run.json").read_text())
+    cfg = {
+        **run["pretrained_cfg"],
+        "mean": [0.5, 0.5, 0.5],
+    }  # preprocessing the zoo cfg cifar10 does not have
+    run_dir = edit_run(tiny_run, tmp_path / "run", pretrained_cfg=cfg)
     summary = pub.publish(
         run_dir, pub.PublishOptions(repo_id=REPO_ID, dry_run=tmp_path / "out"), evaluator=synthetic_evaluator
     )
@@ -350,17 +372,73 @@ def test_tags_and_unrecordable_runs(tiny_run: Path, tmp_path: Path) -> None:
     assert config["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5]  # the folder keeps the run's own cfg
     summary = pub.publish(
         tiny_run,
-        pub.PublishOptions(repo_id=REPO_ID, dry_run=tmp_path / "o2", tag="imagenet"),
+        pub.PublishOptions(
+            repo_id="timm-svb/convnet20_svb.imagenet", dry_run=tmp_path / "o2", tag="imagenet"
+        ),
         evaluator=synthetic_evaluator,
     )
     assert "no pretrained cfg 'convnet20_svb.imagenet'" in summary["not_recordable_reason"]
+    summary = pub.publish(  # the record pins MODEL.TAG in the repo timm-svb/MODEL.TAG, nowhere else
+        tiny_run,
+        pub.PublishOptions(repo_id=f"{REPO_ID}-test", dry_run=tmp_path / "o3"),
+        evaluator=synthetic_evaluator,
+    )
+    assert f"'{REPO_ID}', not '{REPO_ID}-test'" in summary["not_recordable_reason"]
+
+
+def test_zoo_model_must_give_the_runs_outputs_and_is_evaluated(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose model kwargs change the forward pass but not the shapes (global_pool) is not what
+    ``create_model(MODEL.TAG, pretrained=True)`` gives: not recordable, and refused before any upload."""
+    run_dir = make_run(tmp_path / "maxpool", global_pool="max")
+    evaluated = []
+    summary = pub.publish(
+        run_dir,
+        pub.PublishOptions(repo_id=REPO_ID, dry_run=tmp_path / "out"),
+        evaluator=lambda model, run: evaluated.append(model) or synthetic_evaluator(model, run),
+    )
+    assert (
+        not summary["recordable"] and "other outputs than the run's model" in summary["not_recordable_reason"]
+    )
+    assert evaluated[0].global_pool.pool_type == "max"  # not recordable: the folder's own model was evaluated
+    api = HubStandIn()
+    record = empty_record(tmp_path / "published.json")
+    with pytest.raises(pub.PublishError, match="other outputs than the run's model"):
+        push(run_dir, api, record=record)
+    assert [c for c, _ in api.calls] == [] and read_record(record) == {}
+
+    zoo_models = []
+    zoo_model = pub.zoo_model
+    monkeypatch.setattr(pub, "zoo_model", lambda *a: zoo_models.append(zoo_model(*a)) or zoo_models[-1])
+    evaluated.clear()
+    pub.publish(
+        tiny_run,
+        pub.PublishOptions(repo_id=REPO_ID, dry_run=tmp_path / "out2"),
+        evaluator=lambda model, run: evaluated.append(model) or synthetic_evaluator(model, run),
+    )
+    ((zoo, reason),) = zoo_models
+    assert reason is None and evaluated == [zoo]  # the evaluated model is the zoo model
+    assert zoo.pretrained_cfg["tag"] == TAG and "pretrained_model_args" not in zoo.pretrained_cfg
+
+
+def test_svb_name_needs_svb_training_or_a_stated_override(tiny_run: Path, tmp_path: Path) -> None:
+    run_dir = edit_run(tiny_run, tmp_path / "run", svb_config=None)
+    summary = pub.publish(
+        run_dir, pub.PublishOptions(repo_id=REPO_ID, dry_run=tmp_path / "o1"), evaluator=synthetic_evaluator
+    )
+    assert "trained without SVB" in summary["not_recordable_reason"]
+    reason = "ablation: orthogonal init only"
+    api, record = HubStandIn(), empty_record(tmp_path / "published.json")
+    summary = push(run_dir, api, record=record, svb_override=reason)
+    entry = read_record(record)[NAME]
+    assert entry["svb_config"] is None and entry["svb_override"] == reason
+    card = api.files_at(REPO_ID, summary["revision"])["README.md"].decode()
+    assert "trained **without** SVB" in card and reason in card
 
 
 def test_refuses_unfinished_runs_and_missing_evaluation(tiny_run: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    shutil.copytree(tiny_run, run_dir)
-    run = json.loads((run_dir / "run.json").read_text())
-    (run_dir / "run.json").write_text(json.dumps({**run, "status": "stopped"}))
+    run_dir = edit_run(tiny_run, tmp_path / "run", status="stopped")
     with pytest.raises(pub.PublishError, match="not finished"):
         pub.publish(run_dir, pub.PublishOptions(repo_id=REPO_ID, dry_run=tmp_path / "o1"))
     with pytest.raises(pub.PublishError, match="require-eval"):
@@ -382,36 +460,44 @@ def test_check_folder_refuses_differences_and_pickles(tiny_run: Path, tmp_path: 
         pub.check_folder(out, run_model(tiny_run))
 
 
-def test_push_sends_expected_files_and_never_the_token(pushed: dict[str, Any]) -> None:
-    (api,) = pushed["apis"]
-    assert "token" not in api.init_kwargs  # resolved by huggingface_hub itself (env / login cache)
-    assert [name for name, _ in api.calls] == ["create_repo", "upload_folder"]
-    create, upload = (kwargs for _, kwargs in api.calls)
-    assert create["repo_id"] == REPO_ID and create["exist_ok"] is True
-    assert upload["repo_id"] == REPO_ID
-    assert upload["files"] == sorted(EXPECTED_FILES)
-    assert upload["commit_message"].startswith(f"Add {MODEL}.{TAG} weights (uoft-cs/cifar10: top-1 err ")
-    assert "token" not in upload
+# ---------------------------------------------------------------------------------------------- pushing
 
-    record = json.loads(pushed["record"].read_text())
-    assert list(record) == [f"{MODEL}.{TAG}"]
-    entry = record[f"{MODEL}.{TAG}"]
-    assert entry["hf_hub_id"] == REPO_ID and entry["revision"] == FAKE_COMMIT
-    assert entry["sha256"] == file_sha256(pushed["uploaded"] / "model.safetensors")
+
+def test_push_holds_exactly_the_checked_files_and_never_the_token(pushed: dict[str, Any]) -> None:
+    api, summary = pushed["api"], pushed["summary"]
+    assert "token" not in api.init_kwargs  # resolved by huggingface_hub itself (env / login cache)
+    assert [name for name, _ in api.calls] == ["repo_info", "upload_folder", "validate_yaml", "create_commit"]
+    upload = dict(api.calls)["upload_folder"]
+    assert upload["repo_id"] == REPO_ID and upload["delete_patterns"] == "*"
+    assert upload["parent_commit"] == pushed["stale"]  # on top of the commit it checked, or not at all
+    assert upload["commit_message"].startswith(f"Add {NAME} weights (uoft-cs/cifar10: top-1 err ")
+    assert "token" not in upload
+    files = api.files_at(REPO_ID, summary["revision"])  # the earlier publish's files are gone
+    assert set(files) == EXPECTED_FILES | {".gitattributes"} == set(summary["files"]) | {".gitattributes"}
+
+    record = read_record(pushed["record"])
+    assert sorted(record) == sorted(["convnet20.cifar100", "preact_resnet20.cifar10", NAME])
+    entry = record[NAME]
+    assert entry["hf_hub_id"] == REPO_ID and entry["revision"] == summary["revision"] == api.head(REPO_ID)
+    assert (
+        entry["sha256"]
+        == summary["sha256"]
+        == __import__("hashlib").sha256(files["model.safetensors"]).hexdigest()
+    )
+    assert entry["svb_config"] == {"epsilon": 0.5, "bbn_epsilon": 1.0, "every_n_steps": 10}
     assert entry["metrics"]["reevaluated"] is not None
-    assert pushed["summary"]["revision"] == FAKE_COMMIT
+    assert stat.S_IMODE(pushed["record"].stat().st_mode) == 0o644  # not mkstemp's 0600
 
     assert "pushed" in pushed["output"]  # the capture did see the logs
-    assert FAKE_TOKEN not in pushed["output"]
-    assert FAKE_TOKEN not in pushed["record"].read_text()
-    for f in pushed["uploaded"].iterdir():
-        assert FAKE_TOKEN.encode() not in f.read_bytes()
+    assert FAKE_TOKEN not in pushed["output"] and FAKE_TOKEN not in pushed["record"].read_text()
+    for data in files.values():
+        assert FAKE_TOKEN.encode() not in data
 
 
 def test_push_needs_a_token_and_a_recordable_target(
     tiny_run: Path, tmp_path: Path, _offline: pytest.MonkeyPatch
 ) -> None:
-    never = RecordingHfApi(tmp_path / "never")
+    never = HubStandIn()
     with pytest.raises(pub.PublishError, match="no Hugging Face token"):
         pub.publish(
             tiny_run,
@@ -419,77 +505,265 @@ def test_push_needs_a_token_and_a_recordable_target(
             evaluator=synthetic_evaluator,
             api_factory=lambda **kw: never,
         )
-    _offline.setenv("HF_TOKEN", FAKE_TOKEN)
-    with pytest.raises(pub.PublishError, match="not in the 'timm-svb' Hub organisation"):
-        pub.publish(
-            tiny_run,
-            pub.PublishOptions(repo_id="someone/convnet", record=tmp_path / "r.json"),
-            evaluator=synthetic_evaluator,
-            api_factory=lambda **kw: never,
-        )
-    assert never.calls == [] and not (tmp_path / "r.json").exists()
+    with pytest.raises(pub.PublishError, match="'timm-svb/convnet20_svb.cifar10', not 'someone/convnet'"):
+        push(tiny_run, never, repo_id="someone/convnet", record=empty_record(tmp_path / "r.json"))
+    assert never.calls == [] and read_record(tmp_path / "r.json") == {}
 
 
-_LOAD_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    import safetensors.torch, timm, torch
-    import timm_svb
-    from timm_svb.models._pretrained import PretrainedWeightsIntegrityError
+def test_private_repos_are_not_recorded(tiny_run: Path, tmp_path: Path) -> None:
+    record = empty_record(tmp_path / "published.json")
+    api = HubStandIn()
+    with pytest.raises(pub.PublishError, match="--private"):
+        push(tiny_run, api, record=record, private=True)
+    assert api.calls == []
+    api.add_repo(REPO_ID, {}, private=True)  # an existing private repo: found out before any upload
+    with pytest.raises(pub.PublishError, match="is private"):
+        push(tiny_run, api, record=record)
+    assert [c for c, _ in api.calls] == ["repo_info"] and read_record(record) == {}
+    other = HubStandIn()
+    summary = push(tiny_run, other, repo_id="someone/convnet", private=True, no_record=True)
+    assert dict(other.calls)["create_repo"]["private"] is True and "record" not in summary
 
-    name, run_weights, blob = sys.argv[1:4]
-    out = {"listed": timm.list_pretrained("*svb*")}
-    ref = timm.create_model(name.split(".")[0], num_classes=10).eval()
-    ref.load_state_dict(safetensors.torch.load_file(run_weights))
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        for key, model_name in (("tagged", name), ("default_tag", name.split(".")[0])):
-            model = timm.create_model(model_name, pretrained=True).eval()
-            out[key] = torch.equal(model(x), ref(x))
-        out["hf_hub_id"] = model.pretrained_cfg["hf_hub_id"]
-        tuned = timm.create_model(name, pretrained=True, num_classes=5)
-        sd, ref_sd = tuned.state_dict(), ref.state_dict()
-        out["tuned_fc"] = list(tuned.fc.weight.shape)
-        body = [k for k in sd if not k.startswith("fc.")]
-        out["tuned_backbone_equal"] = all(torch.equal(sd[k], ref_sd[k]) for k in body)
-    for damage in ("flip", "truncate"):
-        data = bytearray(open(blob, "rb").read())
-        if damage == "flip":
-            data[-3] ^= 0xFF
-        else:
-            data = data[: len(data) // 2]
-        with open(blob, "wb") as f:
-            f.write(data)
-        try:
-            timm.create_model(name, pretrained=True)
-            out[damage] = "loaded"
-        except PretrainedWeightsIntegrityError as e:
-            out[damage] = str(e)
-    print(json.dumps(out))
-    """
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"convnet20.cifar10": {"hf_hub_id": "timm-svb/convnet20.cifar10"}}', "missing keys"),
+        (None, "cannot read the record"),
+    ],
 )
+def test_broken_record_stops_before_any_upload(
+    tiny_run: Path, tmp_path: Path, content: str | None, match: str
+):
+    record = tmp_path / "published.json"
+    if content is not None:
+        record.write_text(content)
+    api = HubStandIn()
+    with pytest.raises(pub.PublishError, match=match):
+        push(tiny_run, api, record=record)
+    assert api.calls == []
 
 
-def test_pretrained_true_from_record_offline(pushed: dict[str, Any], tiny_run: Path, tmp_path: Path) -> None:
+def test_failure_after_the_push_names_the_revision_and_rerunning_finishes(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = empty_record(tmp_path / "published.json")
+    api = HubStandIn()
+
+    def corrupting_evaluator(model: nn.Module, run: dict[str, Any]) -> dict[str, float]:
+        record.write_text("{")  # the record breaks between the checks and the write (e.g. a bad merge)
+        return synthetic_evaluator(model, run)
+
+    monkeypatch.setattr(pub, "HfApi", lambda **kw: api)
+    monkeypatch.setattr(
+        pub, "recipe_evaluator", lambda model, run, data_dir=None: corrupting_evaluator(model, run)
+    )
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    argv = [str(tiny_run), "--repo-id", REPO_ID, "--record", str(record)]
+    assert pub.main(argv) == 1
+    err = capsys.readouterr().err
+    revision = api.head(REPO_ID)
+    assert f"pushed revision: {revision}" in err and f"re-run: python hub/publish.py {' '.join(argv)}" in err
+    empty_record(record)  # fixed; the same command again: no new commit, the record pins that revision
+    monkeypatch.setattr(
+        pub, "recipe_evaluator", lambda model, run, data_dir=None: synthetic_evaluator(model, run)
+    )
+    commits = len(api.repos[REPO_ID]["commits"])
+    assert pub.main(argv) == 0
+    assert len(api.repos[REPO_ID]["commits"]) == commits and read_record(record)[NAME]["revision"] == revision
+
+
+def test_a_racing_push_records_nothing(tiny_run: Path, tmp_path: Path) -> None:
+    record = empty_record(tmp_path / "published.json")
+    api = HubStandIn()
+    api.add_repo(REPO_ID, {"README.md": b"# earlier"})
+    api.before_commit = lambda hub, repo_id: hub.push(repo_id, {"README.md": b"# someone else"})
+    with pytest.raises(pub.PublishError, match="upload to .* failed .*nothing was recorded"):
+        push(tiny_run, api, record=record)
+    assert read_record(record) == {}
+    assert api.files_at(REPO_ID, api.head(REPO_ID)) == {"README.md": b"# someone else"}
+
+
+def _write_entries(args: tuple[str, list[str]]) -> None:
+    path, names = args
+    for name in names:
+        write_record(path, name, {**ENTRY, "hf_hub_id": f"timm-svb/{name}"})
+
+
+ENTRY = {"hf_hub_id": "", "revision": "a" * 40, "sha256": "b" * 64, "metrics": {}, "svb_config": None}
+
+
+def test_concurrent_record_writes_keep_every_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    record = empty_record(tmp_path / "published.json")
+    read = hub_record.read_record
+    monkeypatch.setattr(hub_record, "read_record", lambda *a, **k: (read(*a, **k), time.sleep(0.02))[0])
+    jobs = [(str(record), [f"convnet20.tag{p}_{i}" for i in range(6)]) for p in range(4)]
+    with multiprocessing.get_context("fork").Pool(4) as pool:  # forked: the slowed read is inherited
+        pool.map(_write_entries, jobs)
+    assert len(read_record(record)) == 24
+
+
+def test_record_path_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert record_path() == REPO_ROOT / "timm_svb" / "models" / "published.json"  # this source checkout
+    installed = tmp_path / "lib" / "site-packages" / "timm_svb" / "models" / "published.json"
+    with pytest.raises(RecordError, match="inside an installed package"):
+        record_path(installed)
+    monkeypatch.setattr(hub_record, "default_record_path", lambda: installed)
+    with pytest.raises(RecordError, match="inside an installed package"):
+        record_path()
+    monkeypatch.setattr(hub_record, "default_record_path", lambda: tmp_path / "a" / "b" / "published.json")
+    with pytest.raises(RecordError, match="not in a source checkout"):
+        record_path()
+    assert record_path(tmp_path / "mine.json") == (tmp_path / "mine.json").resolve()
+
+
+def test_invalid_record_entries_are_refused_on_write(tmp_path: Path) -> None:
+    record = empty_record(tmp_path / "published.json")
+    good = {**ENTRY, "hf_hub_id": "timm-svb/convnet20.cifar10"}
+    for bad, match in [
+        ({**good, "revision": "main"}, "40-hex"),
+        ({**good, "sha256": "deadbeef"}, "64 hex"),
+        ({**good, "hf_hub_id": "timm-svb/convnet20.cifar10-test"}, "must be 'timm-svb/convnet20.cifar10'"),
+    ]:
+        with pytest.raises(RecordError, match=match):
+            write_record(record, "convnet20.cifar10", bad)
+    with pytest.raises(RecordError, match="SVB settings"):
+        write_record(record, "convnet20_svb.cifar10", {**good, "hf_hub_id": "timm-svb/convnet20_svb.cifar10"})
+    assert read_record(record) == {}
+
+
+# ---------------------------------------------------------------------------- loading: no pickle, no lies
+
+
+class _Trap:
+    """Unpickling it writes a flag file (stands for arbitrary code in a malicious pickle)."""
+
+    def __init__(self, flag: Path) -> None:
+        self.flag = flag
+
+    def __reduce__(self) -> tuple:
+        return (Path.write_text, (self.flag, "unpickled"))
+
+
+def test_a_pickle_is_never_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repo / folder with only config.json + pytorch_model.bin: nothing is unpickled on any path."""
+    flag, folder = tmp_path / "flag", tmp_path / "pickle_only"
+    model = timm.create_model(MODEL)
+    timm.models.save_for_hf(model, str(folder), safe_serialization=False)  # config.json + pytorch_model.bin
+    with open(folder / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"stem.conv.weight": _Trap(flag)}, f)
+    calls = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a) or pytest.fail("torch.load called"))
+    revision = fake_commit("pickle")
+    place_in_hf_cache(folder_files(folder), "someone/pickle-only", revision, Path(os.environ["HF_HUB_CACHE"]))
+    with pytest.raises(PretrainedWeightsFormatError, match="model.safetensors .*No such file"):
+        timm.create_model(f"local-dir:{folder}", pretrained=True)
+    with pytest.raises(EntryNotFoundError):  # asks the Hub for model.safetensors only, never the pickle
+        timm.create_model(f"hf-hub:someone/pickle-only@{revision}", pretrained=True)
+    with pytest.raises(PretrainedWeightsFormatError, match="not a safetensors file"):
+        timm.create_model(
+            MODEL, pretrained=True, pretrained_cfg_overlay={"file": str(folder / "pytorch_model.bin")}
+        )
+    assert calls == [] and not flag.exists()
+
+
+def test_config_files_cannot_control_loading(tmp_path: Path) -> None:
+    """``model_args`` of a config.json (local-dir: or hf-hub:) that are not architecture arguments, or SVB
+    bands outside the paper's range, are refused: no silent non-strict load of a checkpoint missing a
+    stage."""
+    model = timm.create_model(MODEL)
+    for i, (args, match) in enumerate(
+        [
+            ({"pretrained_strict": False}, r"\['pretrained_strict'\]"),
+            (
+                {"pretrained_filter_fn": None, "kwargs_filter": ["x"]},
+                r"\['kwargs_filter', 'pretrained_filter_fn'\]",
+            ),
+            ({"svb_epsilon": 1000}, "svb_epsilon=1000"),
+            ({"bbn_epsilon": float("nan")}, "bbn_epsilon=nan"),
+        ]
+    ):
+        folder = tmp_path / f"f{i}"
+        timm.models.save_for_hf(model, str(folder), model_args=args, safe_serialization=True)
+        sd = safetensors.torch.load_file(folder / "model.safetensors")
+        safetensors.torch.save_file(
+            {k: v for k, v in sd.items() if not k.startswith("stages.2")}, folder / "model.safetensors"
+        )
+        revision = fake_commit(str(i))
+        place_in_hf_cache(folder_files(folder), f"someone/cfg{i}", revision, Path(os.environ["HF_HUB_CACHE"]))
+        for spec in (f"local-dir:{folder}", f"hf-hub:someone/cfg{i}@{revision}"):
+            with pytest.raises(ValueError, match=match):
+                timm.create_model(spec, pretrained=True)
+    folder = tmp_path / "ok"  # the publisher's own config: architecture arguments and SVB bands in range
+    timm.models.save_for_hf(timm.create_model(MODEL, svb_epsilon=0.2), str(folder), safe_serialization=True)
+    assert timm.create_model(f"local-dir:{folder}", pretrained=True).svb_config["epsilon"] == 0.2
+
+
+_LOAD_SCRIPT = """
+import json, sys
+import safetensors.torch, timm, torch
+import timm_svb
+from timm_svb.models._pretrained import PretrainedWeightsIntegrityError
+
+name, run_weights, blob = sys.argv[1:4]
+arch, repo = name.split(".")[0], "timm-svb/" + name
+revision = timm_svb.models._pretrained.PUBLISHED[name]["revision"]
+
+def via_load_pretrained():
+    model = timm.create_model(arch)
+    timm.models.load_pretrained(model)
+    return model
+
+paths = {
+    "tagged": lambda: timm.create_model(name, pretrained=True),
+    "default_tag": lambda: timm.create_model(arch, pretrained=True),
+    "hf_hub_pinned": lambda: timm.create_model(f"hf-hub:{repo}@{revision}", pretrained=True),
+    "hf_hub_main": lambda: timm.create_model(f"hf-hub:{repo}", pretrained=True),
+    "load_pretrained": via_load_pretrained,
+}
+out = {"listed": timm.list_pretrained("*svb*"), "hf_hub_id": timm.get_pretrained_cfg(arch).hf_hub_id}
+ref = timm.create_model(arch, num_classes=10).eval()
+ref.load_state_dict(safetensors.torch.load_file(run_weights))
+x = torch.randn(2, 3, 32, 32)
+with torch.no_grad():
+    for key, make in paths.items():
+        out[key] = torch.equal(make().eval()(x), ref(x))
+    tuned = timm.create_model(name, pretrained=True, num_classes=5)
+    sd, ref_sd = tuned.state_dict(), ref.state_dict()
+    out["tuned_fc"] = list(tuned.fc.weight.shape)
+    out["tuned_backbone_equal"] = all(torch.equal(sd[k], ref_sd[k]) for k in sd if not k.startswith("fc."))
+data = bytearray(open(blob, "rb").read())
+for damage in ("flip", "truncate"):
+    with open(blob, "wb") as f:
+        flipped = data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:]
+        f.write(data[: len(data) // 2] if damage == "truncate" else flipped)
+    for key, make in paths.items():
+        try:
+            make()
+            out[f"{damage}:{key}"] = "loaded"
+        except PretrainedWeightsIntegrityError as e:
+            out[f"{damage}:{key}"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_pretrained_from_record_on_every_path_with_tamper_checks(
+    pushed: dict[str, Any], tiny_run: Path, tmp_path: Path
+) -> None:
+    """The pushed commit, laid out in a Hub cache: ``create_model`` with and without the tag, ``hf-hub:`` at
+    the recorded commit and at main, ``timm.models.load_pretrained(model)`` all load exactly the run's weights
+    and all refuse a flipped or truncated file (sha256), in a fresh process with the record."""
     cache = tmp_path / "hf_cache"
-    entry = json.loads(pushed["record"].read_text())[f"{MODEL}.{TAG}"]
-    repo = place_in_hf_cache(pushed["uploaded"], entry["hf_hub_id"], entry["revision"], cache)
+    entry = read_record(pushed["record"])[NAME]
+    files = pushed["api"].files_at(REPO_ID, entry["revision"])
+    repo = place_in_hf_cache(files, REPO_ID, entry["revision"], cache)
     blob = repo / "blobs" / entry["sha256"]
     assert blob.is_file()
-    env = subprocess_env(
-        HF_HUB_CACHE=str(cache),
-        HF_HOME=str(tmp_path / "home"),
-        TIMM_SVB_PUBLISHED_RECORD=str(pushed["record"]),
-    )
+    env = child_env(HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "home"))
+    env["TIMM_SVB_PUBLISHED_RECORD"] = str(pushed["record"])
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _LOAD_SCRIPT,
-            f"{MODEL}.{TAG}",
-            str(tiny_run / "model_best.safetensors"),
-            str(blob),
-        ],
+        [sys.executable, "-c", _LOAD_SCRIPT, NAME, str(tiny_run / "model_best.safetensors"), str(blob)],
         capture_output=True,
         text=True,
         env=env,
@@ -498,54 +772,71 @@ def test_pretrained_true_from_record_offline(pushed: dict[str, Any], tiny_run: P
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["listed"] == [f"{MODEL}.{TAG}"]
-    assert out["tagged"] and out["default_tag"]
-    assert out["hf_hub_id"] == f"{REPO_ID}@{FAKE_COMMIT}"
+    assert out["listed"] == [NAME] and out["hf_hub_id"] == f"{REPO_ID}@{entry['revision']}"
+    for key in ("tagged", "default_tag", "hf_hub_pinned", "hf_hub_main", "load_pretrained"):
+        assert out[key] is True, key
+        for damage in ("flip", "truncate"):
+            message = out[f"{damage}:{key}"]
+            assert "tampered" in message and entry["sha256"] in message, (damage, key, message)
     assert out["tuned_fc"] == [5, 64] and out["tuned_backbone_equal"]
-    for damage in ("flip", "truncate"):
-        assert "sha256" in out[damage] and entry["sha256"] in out[damage], out[damage]
+
+
+# ------------------------------------------------------------------------------- the maintainer's steps
 
 
 @pytest.mark.slow
-def test_embedded_default_trains_publishes_and_loads_back(tmp_path: Path) -> None:
-    """The one real run possible here: the recipe's embedded default (digits, 1 epoch), a dry run with the
-    recipe's own re-evaluation on the test split, and the folder loaded back through timm."""
-    train = REPO_ROOT / "recipes" / "train.py"
-    if not train.is_file():
-        pytest.skip("recipes/train.py is not in this checkout")
-    run_dir, out = tmp_path / "digits", tmp_path / "publish"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(train),
-            "--epochs",
-            "1",
-            "--output",
-            str(run_dir),
-            "--checkpoint-hist",
-            "0",
-            "--no-progress",
-            "--log-with",
-            "none",
-        ],
-        capture_output=True,
-        text=True,
-        env=subprocess_env(),
-        timeout=600,
-        check=False,
+def test_readme_maintainer_steps_end_to_end(
+    digits_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README "For maintainers", against the stand-in with a record of several entries: train (the shared
+    digits run), dry run with the recipe's re-evaluation, publish, load back from an empty cache as a user,
+    then the release's ``pytest`` of everything that reads the record."""
+    run_dir = digits_run.run_dir  # step 3
+    cache = tmp_path / "cache"
+    record = write_json(
+        tmp_path / "published.json",
+        publish_fake(["preact_resnet20.cifar10", "convnet20.cifar100"], cache, tmp_path / "w"),
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    repo_id = "timm-svb/convnet20_svb.sklearn_digits"
-    summary = pub.publish(run_dir, pub.PublishOptions(repo_id=repo_id, dry_run=out, require_eval=True))
+    common = [str(run_dir), "--repo-id", REPO_ID, "--tag", TAG, "--require-eval"]
+    out = tmp_path / "check"
+    assert pub.main([*common, "--dry-run", str(out)]) == 0  # step 4
+    dry = json.loads((out / "config.json").read_text())
+    assert dry["architecture"] == MODEL and {p.name for p in out.iterdir()} == EXPECTED_FILES
+
+    api = HubStandIn()
+    monkeypatch.setattr(pub, "HfApi", lambda **kw: api)
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)  # step 2
+    assert pub.main([*common, "--record", str(record)]) == 0  # step 5
+    entries = read_record(record)
+    assert len(entries) == 3 and entries[NAME]["revision"] == api.head(REPO_ID)
+    pushed_files = api.files_at(REPO_ID, api.head(REPO_ID))
+    dry_files = folder_files(out)  # the dry run checked the same weights and config; the card adds the record
+    assert set(pushed_files) == set(dry_files) | {".gitattributes"}
+    assert all(pushed_files[k] == dry_files[k] for k in ("model.safetensors", "config.json", "spectrum.png"))
+    assert f"recorded for the timm-svb model zoo as `{NAME}`" in pushed_files["README.md"].decode()
+    reevaluated = entries[NAME]["metrics"]["reevaluated"]
     recorded = json.loads((run_dir / "run.json").read_text())["metrics"]["best"]
-    assert summary["metrics"]["reevaluated"] == pytest.approx(
-        {"top1_err": recorded["top1_err"], "top5_err": recorded["top5_err"]}, abs=1e-9
+    assert reevaluated == pytest.approx({k: recorded[k] for k in ("top1_err", "top5_err")}, abs=1e-9)
+
+    place_in_hf_cache(
+        api.files_at(REPO_ID, api.head(REPO_ID)), REPO_ID, api.head(REPO_ID), cache
+    )  # the download
+    env = child_env(
+        HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "home"), TIMM_SVB_PUBLISHED_RECORD=str(record)
     )
-    assert not summary["recordable"] and "sklearn_digits" in summary["not_recordable_reason"]
-    assert {p.name for p in out.iterdir()} == EXPECTED_FILES
-    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
-    x = torch.randn(4, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), run_model(run_dir)(x))
-    card = ModelCard.load(out / "README.md")
-    assert {r.dataset_name for r in card.data.eval_results} == {"sklearn-digits"}
+    step6 = (
+        "import sys, timm, timm_svb, torch, safetensors.torch\n"
+        f"print(timm.list_pretrained('*svb*'))\n"
+        f"m = timm.create_model({NAME!r}, pretrained=True).eval()\n"
+        f"ref = timm.create_model({MODEL!r}).eval()\n"
+        f"ref.load_state_dict(safetensors.torch.load_file({str(run_dir / 'model_best.safetensors')!r}))\n"
+        "x = torch.randn(2, 3, 32, 32)\n"
+        "assert torch.equal(m(x), ref(x))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", step6], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr  # step 6
+    assert NAME in done.stdout
+    done = run_record_tests(record, cache, tmp_path)  # step 7
+    assert done.returncode == 0 and "passed" in done.stdout and "skipped" not in done.stdout, done.stdout[
+        -3000:
+    ]

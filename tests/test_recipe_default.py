@@ -1,30 +1,18 @@
-"""The README's main command: ``python recipes/train.py`` with no arguments, no network, on the CPU."""
+"""The README's main command: ``python recipes/train.py`` with no arguments, no network, on the CPU (the
+session's shared run, ``conftest.digits_run``)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from recipe_helpers import RECIPES
 
 
 @pytest.mark.slow
-def test_embedded_default_learns_the_digits(tmp_path: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, str(RECIPES / "train.py"), "--no-progress"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+def test_embedded_default_learns_the_digits(digits_run) -> None:
+    done, tmp_path = digits_run.done, digits_run.cwd
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     match = re.search(r"^run folder: (\S+)$", done.stdout, re.MULTILINE)
     assert match, done.stdout
