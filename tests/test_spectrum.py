@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pytest
 import timm
 import torch
@@ -180,9 +181,20 @@ def test_cli_writes_png_and_csv(cli_run):
     names = list(model_spectrum(timm.create_model("preact_resnet20")))
     assert [r["layer"] for r in rows if r["model"] == "preact_resnet20"] == names
     assert rows[0]["shape"] == "16x3x3x3" and rows[-1]["shape"] == "10x64"
-    for r in rows:
-        assert 0 < float(r["min"]) <= float(r["max"])
-        assert float(r["condition_number"]) == pytest.approx(float(r["max"]) / float(r["min"]))
+    # independent reference: the same model (the CLI seeds with --seed 0 before each), float64 numpy SVD
+    torch.manual_seed(0)
+    model = timm.create_model("preact_resnet20")
+    lo, hi = 1 / 1.5, 1.5  # the default band, epsilon 0.5
+    for r in (r for r in rows if r["model"] == "preact_resnet20"):
+        module = model.get_submodule(r["layer"])
+        groups = getattr(module, "groups", 1)
+        w = module.weight.detach().double().numpy()
+        s = np.linalg.svd(w.reshape(groups, w.shape[0] // groups, -1), compute_uv=False).ravel()
+        assert (int(r["groups"]), int(r["num_values"])) == (groups, s.size), r["layer"]
+        assert float(r["min"]) == pytest.approx(s.min(), rel=1e-6)
+        assert float(r["max"]) == pytest.approx(s.max(), rel=1e-6)
+        assert float(r["condition_number"]) == pytest.approx(s.max() / s.min(), rel=1e-5)
+        assert float(r["fraction_outside_band"]) == pytest.approx(np.mean((s < lo) | (s > hi)), abs=1e-12)
     assert "preact_resnet20: 22 layers, 746 singular values" in printed
     assert f"wrote {out}" in printed
 
