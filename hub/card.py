@@ -128,7 +128,7 @@ def _usage(repo_id: str, record_name: str | None, num_classes: int) -> str:
         "Pass another `num_classes`: timm loads every weight but the classifier, which is freshly "
         "initialised for the new classes.\n\n"
         "```python\n"
-        f"model = timm.create_model('{record_name or 'hf-hub:' + repo_id}', pretrained=True, num_classes=5)\n"
+        f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True, num_classes=5)\n"
         "```\n\n"
         f"This checkpoint has {num_classes} classes. To keep training with SVB/BBN, attach the plugin "
         "(`timm_svb.SVB`) to the optimizer as in the repository's training recipe (`--pretrained`).\n"

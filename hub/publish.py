@@ -563,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Publish a training run (the run folder of recipes/train.py) as a Hugging Face Hub model repo:\n"
             "model.safetensors + config.json (timm's save_for_hf; never a pickle) + README.md model card\n"
-            "(model-index top-1/top-5 error, SVB settings, recipe, citation, spectrum plot).\n\n"
+            "(model-index top-1/top-5 accuracy, SVB settings, recipe, citation, spectrum plot).\n\n"
             "Checks before anything is published: the folder is loaded back through timm ('local-dir:')\n"
             "and must give outputs identical to the run's model, and so must timm.create_model(MODEL.TAG)\n"
             "with the folder's weights (what pretrained=True users get) for a zoo entry; that model is\n"

@@ -114,10 +114,10 @@ class HubStandIn(HfApi):
     ``create_commit`` that applies the operations, honours ``parent_commit`` and skips unchanged commits.
     Every call is recorded; ``before_commit`` may change the repo first (a racing push)."""
 
-    def __init__(self, repos: dict[str, dict[str, Any]] | None = None, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.init_kwargs = kwargs
-        self.repos = repos if repos is not None else {}
+        self.repos: dict[str, dict[str, Any]] = {}
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.before_commit: Callable[[HubStandIn, str], None] | None = None
 

@@ -7,6 +7,7 @@ README's maintainer steps end to end."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -165,9 +166,9 @@ def pushed(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     record of two other entries; capture every output."""
     root = tmp_path_factory.mktemp("pushed")
     cache = root / "cache"
-    record = write_json(root / "published.json", publish_fake(["preact_resnet20.cifar10"], cache, root / "w"))
     record = write_json(
-        record, {**read_record(record), **publish_fake(["convnet20.cifar100"], cache, root / "w")}
+        root / "published.json",
+        publish_fake(["preact_resnet20.cifar10", "convnet20.cifar100"], cache, root / "w"),
     )
     os.chmod(record, 0o644)
     api = HubStandIn()
@@ -479,11 +480,7 @@ def test_push_holds_exactly_the_checked_files_and_never_the_token(pushed: dict[s
     assert sorted(record) == sorted(["convnet20.cifar100", "preact_resnet20.cifar10", NAME])
     entry = record[NAME]
     assert entry["hf_hub_id"] == REPO_ID and entry["revision"] == summary["revision"] == api.head(REPO_ID)
-    assert (
-        entry["sha256"]
-        == summary["sha256"]
-        == __import__("hashlib").sha256(files["model.safetensors"]).hexdigest()
-    )
+    assert entry["sha256"] == summary["sha256"] == hashlib.sha256(files["model.safetensors"]).hexdigest()
     assert entry["svb_config"] == {"epsilon": 0.5, "bbn_epsilon": 1.0, "every_n_steps": 10}
     assert entry["metrics"]["reevaluated"] is not None
     assert stat.S_IMODE(pushed["record"].stat().st_mode) == 0o644  # not mkstemp's 0600
@@ -585,13 +582,13 @@ def test_a_racing_push_records_nothing(tiny_run: Path, tmp_path: Path) -> None:
     assert api.files_at(REPO_ID, api.head(REPO_ID)) == {"README.md": b"# someone else"}
 
 
+ENTRY = {"hf_hub_id": "", "revision": "a" * 40, "sha256": "b" * 64, "metrics": {}, "svb_config": None}
+
+
 def _write_entries(args: tuple[str, list[str]]) -> None:
     path, names = args
     for name in names:
         write_record(path, name, {**ENTRY, "hf_hub_id": f"timm-svb/{name}"})
-
-
-ENTRY = {"hf_hub_id": "", "revision": "a" * 40, "sha256": "b" * 64, "metrics": {}, "svb_config": None}
 
 
 def test_concurrent_record_writes_keep_every_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
