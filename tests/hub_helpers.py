@@ -210,7 +210,7 @@ def run_record_tests(record: Path, cache: Path, tmp_path: Path) -> subprocess.Co
         "import socket, sys\n"
         "def _blocked(self, *args, **kwargs):\n"
         "    raise RuntimeError(f'network access from a test: {args}')\n"
-        "socket.socket.connect = socket.socket.connect_ex = _blocked\n"
+        "socket.socket.connect = socket.socket.connect_ex = socket.getaddrinfo = _blocked\n"
         "import pytest\n"
         f"sys.exit(pytest.main(['-q', '-m', 'record', '-p', 'no:cacheprovider', {tests!r}]))\n"
     )
