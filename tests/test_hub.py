@@ -667,7 +667,7 @@ def test_a_pickle_is_never_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_config_files_cannot_control_loading(tmp_path: Path) -> None:
     """``model_args`` of a config.json (local-dir: or hf-hub:) that are not architecture arguments, or SVB
-    bands outside the paper's range, are refused: no silent non-strict load of a checkpoint missing a
+    bands that are not finite numbers > 0, are refused: no silent non-strict load of a checkpoint missing a
     stage."""
     model = timm.create_model(MODEL)
     for i, (args, match) in enumerate(
@@ -677,7 +677,8 @@ def test_config_files_cannot_control_loading(tmp_path: Path) -> None:
                 {"pretrained_filter_fn": None, "kwargs_filter": ["x"]},
                 r"\['kwargs_filter', 'pretrained_filter_fn'\]",
             ),
-            ({"svb_epsilon": 1000}, "svb_epsilon=1000"),
+            ({"svb_epsilon": -0.5}, "svb_epsilon=-0.5"),
+            ({"svb_epsilon": "0.5"}, "svb_epsilon='0.5'"),
             ({"bbn_epsilon": float("nan")}, "bbn_epsilon=nan"),
         ]
     ):
@@ -692,9 +693,11 @@ def test_config_files_cannot_control_loading(tmp_path: Path) -> None:
         for spec in (f"local-dir:{folder}", f"hf-hub:someone/cfg{i}@{revision}"):
             with pytest.raises(ValueError, match=match):
                 timm.create_model(spec, pretrained=True)
-    folder = tmp_path / "ok"  # the publisher's own config: architecture arguments and SVB bands in range
-    timm.models.save_for_hf(timm.create_model(MODEL, svb_epsilon=0.2), str(folder), safe_serialization=True)
-    assert timm.create_model(f"local-dir:{folder}", pretrained=True).svb_config["epsilon"] == 0.2
+    for epsilon in (0.2, 2.0):  # the publisher's own config: architecture arguments, any band training takes
+        folder = tmp_path / f"ok{epsilon}"
+        model = timm.create_model(MODEL, svb_epsilon=epsilon)
+        timm.models.save_for_hf(model, str(folder), safe_serialization=True)
+        assert timm.create_model(f"local-dir:{folder}", pretrained=True).svb_config["epsilon"] == epsilon
 
 
 _LOAD_SCRIPT = """
