@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -21,14 +25,25 @@ __all__ = [
     "RECIPES",
     "REPO",
     "make_data",
+    "one_thread",
     "recipe_data",
     "recipe_engine",
     "recipe_options",
+    "reset_accelerate",
     "run_recipe",
 ]
 
 # small, fast and deterministic: no workers, no progress bars, no trackers
 FAST = ["--workers", "0", "--no-progress", "--log-with", "none"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread in each module that imports this fixture (more threads spin on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def reset_accelerate() -> None:
