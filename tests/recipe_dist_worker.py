@@ -1,34 +1,111 @@
 """Worker of tests/test_recipe_dist.py: ``torchrun --nproc_per_node=2 THIS OUT_DIR DATA_DIR``.
 
-Runs recipes/train.py under torch.distributed (gloo, CPU) and saves what this rank ended with.
+Runs recipes/train.py several times in one torch.distributed (gloo, CPU) launch and saves, per rank, what each
+run ended with and what the rank observed along the way: the random crops its augmentation drew, the training
+images it was given, the times DDP's ``no_sync`` was entered and the examples of a streamed split it read.
 """
 
 import os
 import sys
+from collections import defaultdict
 
 import torch
-from recipe_helpers import FAST, train
+from accelerate import PartialState
+from recipe_helpers import FAST, recipe_data, reset_accelerate, train
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.transforms import RandomCrop
+
+SEEN: dict[str, list] = defaultdict(list)
+
+
+def observe() -> None:
+    """Record crops, training indices, no_sync entries and streamed labels of this rank."""
+    get_params, getitem = RandomCrop.get_params, recipe_data.TorchImageDataset.__getitem__
+    no_sync = DistributedDataParallel.no_sync
+    stream_iter = recipe_data.StreamingImages.__iter__
+
+    def crop_params(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        params = get_params(*args, **kwargs)
+        SEEN["crops"].append(tuple(params))
+        return params
+
+    def item(self, index):  # noqa: ANN001, ANN202
+        if len(self) == 32:  # the training split (the test split has 10 images)
+            SEEN["indices"].append(int(index))
+        return getitem(self, index)
+
+    def counted_no_sync(self):  # noqa: ANN001, ANN202
+        SEEN["no_sync"].append(1)
+        return no_sync(self)
+
+    def streamed(self):  # noqa: ANN001, ANN202
+        for x, y in stream_iter(self):
+            SEEN["streamed"].append((y, float(x.double().sum())))  # label and an image fingerprint
+            yield x, y
+
+    RandomCrop.get_params = staticmethod(crop_params)
+    recipe_data.TorchImageDataset.__getitem__ = item
+    DistributedDataParallel.no_sync = counted_no_sync
+    recipe_data.StreamingImages.__iter__ = streamed
+
+
+def run(argv: list[str]) -> dict:
+    """One recipes/train.py run in this process; what it ended with and what this rank saw meanwhile."""
+    SEEN.clear()
+    reset_accelerate()
+    result = train.main([*argv, *FAST])
+    return {
+        "state": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
+        "start_epoch": result.start_epoch,
+        "num_applied": None if result.svb is None else result.svb.num_applied,
+        "expected": len(result.svb_steps),
+        "steps": None if result.svb is None else result.svb.step,
+        "clipped": (
+            None
+            if result.svb is None or result.svb.last_stats is None
+            else result.svb.last_stats.clipped + result.svb.last_stats.bn_clipped
+        ),
+        "seen": {k: list(v) for k, v in SEEN.items()},
+    }
 
 
 def main(out_dir: str, data_dir: str) -> None:
-    args = "--model convnet20_svb --epochs 2 --batch-size 8 --lr 0.05 --checkpoint-hist 1 --svb-epsilon 0.05"
-    args += " --bbn-epsilon 0.05"
-    args += " --svb-every 3 --svb-skip-last 0 --no-svb-skip-final-epoch"
-    result = train.main(
-        [*args.split(), "--data-dir", data_dir, "--output", os.path.join(out_dir, "run"), *FAST]
+    observe()
+    # one process group for all the runs: re-creating gloo's over the same store can meet stale addresses
+    destroy, PartialState.destroy_process_group = (
+        PartialState.destroy_process_group,
+        lambda self, group=None: None,
     )
-    rank = int(os.environ["RANK"])
-    torch.save(
-        {
-            "state": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
-            "num_applied": result.svb.num_applied,
-            "expected": len(result.svb_steps),
-            "steps": result.svb.step,
-            "world": int(os.environ["WORLD_SIZE"]),
-            "clipped": result.svb.last_stats.clipped + result.svb.last_stats.bn_clipped,
-        },
-        os.path.join(out_dir, f"rank{rank}.pt"),
+    base = "--model convnet20_svb --batch-size 8 --lr 0.05 --checkpoint-hist 1 --svb-epsilon 0.05"
+    base += " --bbn-epsilon 0.05 --svb-every 3 --svb-skip-last 0 --no-svb-skip-final-epoch --hflip 0.5"
+    common = [*base.split(), "--data-dir", data_dir]
+    out = {}
+    # uninterrupted, and stopped after one epoch then resumed: bit for bit the same on each rank
+    out["straight"] = run([*common, "--epochs", "2", "--output", os.path.join(out_dir, "straight")])
+    out["first"] = run(
+        [*common, "--epochs", "2", "--stop-after", "1", "--output", os.path.join(out_dir, "b")]
     )
+    out["resumed"] = run([*common, "--epochs", "2", "--resume", "--output", os.path.join(out_dir, "b")])
+    # compiled (DDP inside torch.compile) with gradient accumulation, then resumed without compiling
+    tiny = [*common, "--model-kwargs", "depth_x=1", "--grad-accum-steps", "2"]
+    compiled = os.path.join(out_dir, "compiled")
+    out["compiled"] = run([*tiny, "--epochs", "1", "--compile", "aot_eager", "--output", compiled])
+    out["uncompiled"] = run([*tiny, "--epochs", "2", "--resume", "--output", compiled])
+    # the training split streamed: each rank reads its own shards
+    streamed = [
+        *common,
+        "--epochs",
+        "1",
+        "--streaming",
+        "--aug",
+        "none",
+        "--output",
+        os.path.join(out_dir, "s"),
+    ]
+    out["streamed"] = run(streamed)  # no augmentation: an image's fingerprint identifies it
+    out["world"] = int(os.environ["WORLD_SIZE"])
+    torch.save(out, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
+    destroy(PartialState())
 
 
 if __name__ == "__main__":
