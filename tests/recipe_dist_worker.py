@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import torch
 from accelerate import PartialState
-from recipe_helpers import FAST, recipe_data, reset_accelerate, train
+from recipe_helpers import FAST, recipe_data, train
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import RandomCrop
 
@@ -52,8 +52,7 @@ def observe() -> None:
 def run(argv: list[str]) -> dict:
     """One recipes/train.py run in this process; what it ended with and what this rank saw meanwhile."""
     SEEN.clear()
-    reset_accelerate()
-    result = train.main([*argv, *FAST])
+    result = train.run_in_process([*argv, *FAST])
     return {
         "state": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
         "start_epoch": result.start_epoch,
