@@ -400,8 +400,10 @@ def fit(args: Any) -> TrainResult:
         load_initial_checkpoint(model, args.initial_checkpoint)
     if args.sync_bn and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif bn_batch < MIN_BN_BATCH and any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    elif (
+        bn_batch < MIN_BN_BATCH
+        and accelerator.is_main_process
+        and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     ):
         _logger.warning(
             "BN%s statistics come from %d images per process (--batch-size %d / (%d process(es) x %d "
@@ -412,7 +414,9 @@ def fit(args: Any) -> TrainResult:
             accelerator.num_processes,
             args.grad_accum_steps,
             MIN_BN_BATCH,
-            "; --sync-bn computes them over all processes" if accelerator.num_processes > 1 else "",
+            "; --sync-bn computes them over all processes"
+            if accelerator.num_processes > 1 and device.type != "cpu"
+            else "",
         )
     if args.channels_last is None:
         args.channels_last = accelerator.device.type == "cpu"
