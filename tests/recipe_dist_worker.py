@@ -9,6 +9,7 @@ import os
 import sys
 from collections import defaultdict
 
+import safetensors.torch
 import torch
 from accelerate import PartialState
 from recipe_helpers import FAST, recipe_data, train
@@ -75,33 +76,27 @@ def main(out_dir: str, data_dir: str) -> None:
         PartialState.destroy_process_group,
         lambda self, group=None: None,
     )
-    base = "--model convnet20_svb --batch-size 8 --lr 0.05 --checkpoint-hist 1 --svb-epsilon 0.05"
+    base = "--model convnet20_svb --model-kwargs depth_x=1 --batch-size 8 --lr 0.05 --svb-epsilon 0.05"
     base += " --bbn-epsilon 0.05 --svb-every 3 --svb-skip-last 0 --no-svb-skip-final-epoch --hflip 0.5"
+    base += " --checkpoint-hist 2"
     common = [*base.split(), "--data-dir", data_dir]
     out = {}
-    # uninterrupted, and stopped after one epoch then resumed: bit for bit the same on each rank
-    out["straight"] = run([*common, "--epochs", "2", "--output", os.path.join(out_dir, "straight")])
-    out["first"] = run(
-        [*common, "--epochs", "2", "--stop-after", "1", "--output", os.path.join(out_dir, "b")]
-    )
-    out["resumed"] = run([*common, "--epochs", "2", "--resume", "--output", os.path.join(out_dir, "b")])
-    # compiled (DDP inside torch.compile) with gradient accumulation, then resumed without compiling
-    tiny = [*common, "--model-kwargs", "depth_x=1", "--grad-accum-steps", "2"]
-    compiled = os.path.join(out_dir, "compiled")
-    out["compiled"] = run([*tiny, "--epochs", "1", "--compile", "aot_eager", "--output", compiled])
-    out["uncompiled"] = run([*tiny, "--epochs", "2", "--resume", "--output", compiled])
-    # the training split streamed: each rank reads its own shards
-    streamed = [
-        *common,
-        "--epochs",
-        "1",
-        "--streaming",
-        "--aug",
-        "none",
-        "--output",
-        os.path.join(out_dir, "s"),
-    ]
-    out["streamed"] = run(streamed)  # no augmentation: an image's fingerprint identifies it
+    # uninterrupted, with gradient accumulation (DDP's no_sync)
+    accumulated = [*common, "--epochs", "2", "--grad-accum-steps", "2"]
+    out["straight"] = run([*accumulated, "--output", os.path.join(out_dir, "straight")])
+    # stopped after one epoch compiled (DDP inside torch.compile; aot_eager replays the same kernels, bit for
+    # bit), then resumed without compiling: the same weights as uninterrupted, on each rank
+    b = os.path.join(out_dir, "b")
+    out["first"] = run([*accumulated, "--stop-after", "1", "--compile", "aot_eager", "--output", b])
+    out["first_files"] = {  # what the compiled run saved
+        name: sorted(safetensors.torch.load_file(os.path.join(b, name)))
+        for name in ("model_best.safetensors", "checkpoints/epoch_0001/model.safetensors")
+    }
+    out["resumed"] = run([*accumulated, "--resume", "--output", b])
+    # the training split streamed: each rank reads its own shards (no augmentation: an image's fingerprint
+    # identifies it)
+    streamed = [*common, "--epochs", "1", "--streaming", "--aug", "none"]
+    out["streamed"] = run([*streamed, "--output", os.path.join(out_dir, "s")])
     out["world"] = int(os.environ["WORLD_SIZE"])
     torch.save(out, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
     destroy(PartialState())
