@@ -26,9 +26,13 @@ import timm_svb.models._helpers
 
 CONFIGS = sorted((RECIPES / "configs").glob("*.yaml"))
 # The configs' settings are under test, not the widths of WRN-28-10/16 (36.5M / 94.2M parameters, minutes
-# per step on two CPU cores; their widths are tested in test_models.py): they run at width 1, depth 28.
-NARROW = {"wrn28_": ["--model-kwargs", "width_factor=1"]}
-# Inception-ResNet-v2 has 244 conv layers, up to 2080 channels: every 20th is checked against numpy
+# per step on two CPU cores; their widths are tested in test_models.py): they run at width 1, depth 28; and
+# Inception-ResNet-v2 on 107x107 inputs, not 299x299 (4x fewer pixels; 299 inputs: test_recipe.py).
+SMALLER = {
+    "wrn28_": ["--model-kwargs", "width_factor=1"],
+    "inception_resnet": ["--input-size", "3", "107", "107"],
+}
+# Layers checked against numpy: all, or 16 evenly spread (Inception-ResNet-v2 has 244, up to 2080 channels)
 MAX_LAYERS_CHECKED = 16
 # The bounded float32 matrix against the float64 reference: relative (Frobenius) distance, and how far its
 # singular values may lie past the band. Measured here at most 1.7e-5 and 3.2e-5 (ConvNet-38's 16 x 144
@@ -140,9 +144,9 @@ def test_config_runs_and_bounds(
     out = tmp_path / "run"
     overrides = "--batch-size 1 --validation-batch-size 1 --stop-after 1 --checkpoint-hist 0 --val-split test"
     overrides += " --svb-every 1 --svb-skip-last 0 --no-svb-skip-final-epoch --spectrum-every 0"
-    narrow = next((v for k, v in NARROW.items() if args.model.startswith(k)), [])
+    smaller = next((v for k, v in SMALLER.items() if args.model.startswith(k)), [])
     result = run_recipe(
-        ["-c", str(config), *overrides.split(), *narrow, "--data-dir", str(generated), "--output", str(out)]
+        ["-c", str(config), *overrides.split(), *smaller, "--data-dir", str(generated), "--output", str(out)]
     )
     run = json.loads((out / "run.json").read_text())
     assert run["model"] == args.model and run["status"] == "stopped"
