@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import safetensors.torch
 import torch
+import trainer
 from accelerate import PartialState
 from recipe_helpers import FAST, recipe_data, train
 from torch.nn.parallel import DistributedDataParallel
@@ -20,10 +21,11 @@ SEEN: dict[str, list] = defaultdict(list)
 
 
 def observe() -> None:
-    """Record crops, training indices, no_sync entries and streamed labels of this rank."""
+    """Record crops, training indices, no_sync entries, streamed examples and spectrum statistics."""
     get_params, getitem = RandomCrop.get_params, recipe_data.TorchImageDataset.__getitem__
     no_sync = DistributedDataParallel.no_sync
     stream_iter = recipe_data.StreamingImages.__iter__
+    summary = trainer.spectrum_summary
 
     def crop_params(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         params = get_params(*args, **kwargs)
@@ -44,6 +46,11 @@ def observe() -> None:
             SEEN["streamed"].append((y, float(x.double().sum())))  # label and an image fingerprint
             yield x, y
 
+    def counted_summary(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        SEEN["spectrum_summary"].append(1)
+        return summary(*args, **kwargs)
+
+    trainer.spectrum_summary = counted_summary
     RandomCrop.get_params = staticmethod(crop_params)
     recipe_data.TorchImageDataset.__getitem__ = item
     DistributedDataParallel.no_sync = counted_no_sync
@@ -83,7 +90,8 @@ def main(out_dir: str, data_dir: str) -> None:
     out = {}
     # uninterrupted, with gradient accumulation (DDP's no_sync)
     accumulated = [*common, "--epochs", "2", "--grad-accum-steps", "2"]
-    out["straight"] = run([*accumulated, "--output", os.path.join(out_dir, "straight")])
+    straight = [*accumulated, "--spectrum-every", "1", "--output", os.path.join(out_dir, "straight")]
+    out["straight"] = run(straight)
     # stopped after one epoch compiled (DDP inside torch.compile; aot_eager replays the same kernels, bit for
     # bit), then resumed without compiling: the same weights as uninterrupted, on each rank
     b = os.path.join(out_dir, "b")
@@ -97,6 +105,10 @@ def main(out_dir: str, data_dir: str) -> None:
     # identifies it)
     streamed = [*common, "--epochs", "1", "--streaming", "--aug", "none"]
     out["streamed"] = run([*streamed, "--output", os.path.join(out_dir, "s")])
+    try:  # refused on every rank, before anything waits for a peer
+        run([*common, "--epochs", "1", "--sync-bn", "--output", os.path.join(out_dir, "sync-bn")])
+    except SystemExit as e:
+        out["sync_bn"] = str(e)
     out["world"] = int(os.environ["WORLD_SIZE"])
     torch.save(out, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
     destroy(PartialState())

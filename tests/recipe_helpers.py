@@ -18,6 +18,7 @@ if str(RECIPES) not in sys.path:
 import data as recipe_data  # noqa: E402
 import engine as recipe_engine  # noqa: E402
 import options as recipe_options  # noqa: E402
+import rundir as recipe_rundir  # noqa: E402
 import train  # noqa: E402
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "recipe_data",
     "recipe_engine",
     "recipe_options",
+    "recipe_rundir",
     "run_recipe",
 ]
 

@@ -24,6 +24,7 @@ from recipe_helpers import (
     recipe_data,
     recipe_engine,
     recipe_options,
+    recipe_rundir,
     run_recipe,
 )
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -134,6 +135,14 @@ def test_help_lists_the_scale_out_options(capsys: pytest.CaptureFixture[str]) ->
     for option in ("--compile [BACKEND]", "--lr-base LR", "--lr-base-size N", "--streaming", "--sync-bn"):
         assert option in text
     assert "rising every optimizer step" in text
+
+
+def test_plain_state_dict_drops_wrapper_prefixes() -> None:
+    """Weights saved through torch.compile(DDP(model)) by earlier versions load into the timm model."""
+    plain_state_dict = recipe_rundir.plain_state_dict
+    assert plain_state_dict({"_orig_mod.module.a.w": 1, "_orig_mod.module.b": 2}) == {"a.w": 1, "b": 2}
+    assert plain_state_dict({"module.a": 1}) == {"a": 1}
+    assert plain_state_dict({"module.a": 1, "b": 2}) == {"module.a": 1, "b": 2}  # not a wrapper's prefix
 
 
 def test_svb_every_parsing() -> None:
@@ -415,9 +424,12 @@ def test_resume_gives_the_same_weights(tmp_path: Path, cifar_like: Path) -> None
     first = run_recipe([*common, "--output", str(tmp_path / "b"), "--stop-after", "1"])
     assert not first.finished and not (tmp_path / "b" / "model_final.safetensors").exists()
     assert json.loads((tmp_path / "b" / "run.json").read_text())["status"] == "stopped"
-    # the weights, data order and random state come from the checkpoint: another seed is refused
+    # the weights, data order and random state come from the checkpoint: another seed is refused, as is
+    # switching SVB off (its schedule is in the checkpoint)
     with pytest.raises(SystemExit, match="--seed"):
         run_recipe([*common, "--output", str(tmp_path / "b"), "--resume", "--seed", "8"])
+    with pytest.raises(SystemExit, match="SVB off"):
+        run_recipe([*common, "--output", str(tmp_path / "b"), "--resume", "--no-svb"])
     # a save killed half-way leaves a temporary folder, never a checkpoint: resuming ignores it
     junk = tmp_path / "b" / "checkpoints" / ".tmp-epoch_0002"
     junk.mkdir()

@@ -60,6 +60,13 @@ def test_two_processes_end_identical(ranks: tuple[list[dict], Path]) -> None:
     run = json.loads((tmp_path / "straight" / "run.json").read_text())
     assert run["recipe"]["num_processes"] == 2 and run["status"] == "finished"
     assert len(list((tmp_path / "straight" / "checkpoints" / "epoch_0002").glob("random_states_*.pkl"))) == 2
+    # spectrum statistics (--spectrum-every 1): computed by the main process only, once an epoch
+    assert (
+        len(r0["straight"]["seen"]["spectrum_summary"]) == 2
+        and "spectrum_summary" not in r1["straight"]["seen"]
+    )
+    # --sync-bn has no CPU kernel: refused on every rank, with the reason
+    assert "--sync-bn needs GPUs" in r0["sync_bn"] and "--sync-bn needs GPUs" in r1["sync_bn"]
 
 
 @pytest.mark.slow
