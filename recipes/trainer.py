@@ -200,17 +200,16 @@ def _svb_settings(args: Any, model: nn.Module) -> dict[str, Any] | None:
     return {"epsilon": float(epsilon), "bbn_epsilon": None if bbn is None else float(bbn)}
 
 
-def _resume_changes(run_dir: Path, args: dict[str, Any]) -> dict[str, list[Any]]:
-    """The options of a resumed run that differ from its ``run.json``: ``{name: [run's, now]}``.
+def _resume_changes(record: dict[str, Any], args: dict[str, Any], run_dir: Path) -> dict[str, list[Any]]:
+    """The options of a resumed run that differ from its record (``run.json``): ``{name: [run's, now]}``.
 
     One rule: the command line wins (the LR schedule, SVB's schedule, the optimizer and everything else take
     the new values from the resumed epoch on), except for :data:`RESUME_FIXED`, which are refused.
     """
-    path = run_dir / "run.json"
-    if not path.is_file():
-        return {}
-    record = json.loads(path.read_text(encoding="utf-8"))
-    before = record.get("args") or record.get("recipe", {})  # runs of earlier versions: the resolved recipe
+    before = record.get("args")
+    if before is None:  # a run of an earlier version: its recipe, less the options it holds resolved
+        resolved = ("hflip", "aug", "workers", "mixed_precision", "channels_last")
+        before = {k: v for k, v in record.get("recipe", {}).items() if k not in resolved}
     now = jsonable(args)
     changed = {
         k: [before[k], v] for k, v in now.items() if k in before and before[k] != v and k not in RESUME_QUIET
@@ -236,7 +235,7 @@ def _checkpoint_plain_weights(accelerator: Accelerator, plain: nn.Module) -> Non
     Accelerate saves the prepared model through its wrappers (``_orig_mod.`` keys under torch.compile,
     ``module.`` under DDP), so a checkpoint would only resume under the same wrappers. With these hooks (the
     pattern of Accelerate's ``register_*_state_pre_hook``) the checkpoint holds plain keys and loads into the
-    plain module: a run resumes with or without ``--compile``, on one process or many.
+    plain module: a run resumes with or without ``--compile``, and under DDP or not.
     """
 
     def ours(model: nn.Module) -> bool:
@@ -321,12 +320,9 @@ def fit(args: Any) -> TrainResult:
     state = PartialState(cpu=cpu)
     _setup_logging(state.is_main_process)
     run_dir, resume_from = _run_dir(args, state)
-    changed = _resume_changes(run_dir, given) if resume_from is not None else {}
-    previous = (
-        json.loads((run_dir / "run.json").read_text())
-        if resume_from and (run_dir / "run.json").is_file()
-        else {}
-    )
+    record = run_dir / "run.json"
+    previous = json.loads(record.read_text(encoding="utf-8")) if resume_from and record.is_file() else {}
+    changed = _resume_changes(previous, given, run_dir) if previous else {}
     state.wait_for_everyone()  # every process has looked at the run folder before the main one writes to it
 
     if args.batch_size % (state.num_processes * args.grad_accum_steps):
