@@ -41,4 +41,23 @@ if [ "$status" -eq 124 ] || [ "$status" -eq 130 ]; then
 elif [ "$status" -ne 0 ]; then
     echo "== error: gpu_check.py failed with status $status" >&2
 fi
+
+# ------------------------------------------------------------------------------------------------------------
+# Last step: the recipe's own images/s with and without SVB next to the bare step (recipes/train.py on generated
+# images on disk; benchmarks/recipe_throughput.py), in what is left of the 5-minute budget: GPU_CHECK_TOTAL
+# seconds from the start of this script (default 295). The same extra arguments are passed; those meant for
+# gpu_check.py only are ignored there with a note (--device cpu --small is the smoke test of both).
+left=$(( ${GPU_CHECK_TOTAL:-295} - SECONDS ))
+if [ "$left" -lt 30 ]; then
+    echo "== error: no time left for recipe_throughput.py (${left}s of the budget)" >&2
+    [ "$status" -ne 0 ] || status=1
+else
+    echo "== recipe_throughput.py (at most ${left}s)"
+    recipe_status=0
+    timeout --signal=INT --kill-after=10 "$left" "$PYTHON" benchmarks/recipe_throughput.py "$@" || recipe_status=$?
+    if [ "$recipe_status" -ne 0 ]; then
+        echo "== error: recipe_throughput.py failed or ran out of time (status $recipe_status)" >&2
+        [ "$status" -ne 0 ] || status=$recipe_status
+    fi
+fi
 exit "$status"

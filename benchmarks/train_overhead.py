@@ -6,9 +6,10 @@ data (generated images, the same batches in the same order) and the same setting
 Nesterov, weight decay 1e-4), it times:
 
 1. a plain hand-written loop: ``for x, y in loader: zero_grad; cross_entropy(model(x), y).backward(); step``;
-2. the recipe's loop, ``engine.train_one_epoch``, with the recipe's Accelerator (``trainer.make_accelerator``)
-   and the SVB + BBN plugin attached, bounding once per 391 steps (the paper: once per epoch, 391 steps for
-   CIFAR at batch 128).
+2. the recipe's loop, ``engine.train_one_epoch``, with the recipe's Accelerator
+   (``trainer.make_accelerator``), its learning-rate scheduler set every step (a constant rate here, so that
+   both loops do the same arithmetic) and the SVB + BBN plugin attached, bounding once per 391 steps (the
+   paper: once per epoch, 391 steps for CIFAR at batch 128).
 
 A round is 391 steps of each loop, run in 17 alternating slices of 23 steps (A B, B A, ...), so that the load
 of a shared machine hits both alike; ``--repeats`` rounds follow a warm-up. It prints the steps/s of each
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
-from engine import RecordingSVB, train_one_epoch  # noqa: E402
+from engine import RecipeLR, RecordingSVB, train_one_epoch  # noqa: E402
 from trainer import make_accelerator  # noqa: E402
 
 import timm_svb  # noqa: E402, F401  (registers the zoo)
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # the paper's frequency: once per epoch of `steps` steps (391: CIFAR at batch 128), after its last step
     svb = RecordingSVB(model, 0.5, 1.0, every_n_steps=steps)
     recipe_model, recipe_opt = accelerator.prepare(model, optimizer)
+    scheduler = RecipeLR(recipe_opt, steps, sched="const", lr=args.lr)
     recipe_loader = accelerator.prepare(make_loader(args, args.chunk_steps))
     start_state = snapshot(model, optimizer)
 
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             recipe_loader,
             recipe_opt,
             accelerator,
+            scheduler=scheduler,
             channels_last=args.channels_last,
             progress=False,
         )

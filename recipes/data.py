@@ -38,7 +38,9 @@ from torchvision import transforms as T
 __all__ = [
     "DIGITS",
     "DataError",
+    "FixedLengthLoader",
     "ImageData",
+    "StreamingImages",
     "TorchImageDataset",
     "build_test_loader",
     "build_transforms",
@@ -68,7 +70,7 @@ class ImageData:
     """An image-classification data set: its splits and how to read them."""
 
     name: str
-    train: Any  # datasets.Dataset or None (test-only load)
+    train: Any  # datasets.Dataset, datasets.IterableDataset (--streaming) or None (test-only load)
     test: Any  # datasets.Dataset
     image_column: str
     label_column: str
@@ -76,6 +78,8 @@ class ImageData:
     train_split: str | None
     test_split: str
     data_dir: str | None = None
+    num_train: int | None = None  # the training split's size (also when streamed)
+    streamed: bool = False  # train is a datasets.IterableDataset
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -92,7 +96,8 @@ class ImageData:
             "image_column": self.image_column,
             "label_column": self.label_column,
             "label_names": list(self.label_names),
-            "num_train_images": None if self.train is None else len(self.train),
+            "num_train_images": self.num_train,
+            "streamed": self.streamed,
             "num_test_images": len(self.test),
         }
 
@@ -177,40 +182,94 @@ def make_synthetic_dataset(
     return dsd
 
 
+def _split_files(source: str) -> dict[str, Any]:
+    """The data files of every split of a Hub data set or a local folder (imagefolder, parquet, ...), without
+    reading them: ``{split: files}``."""
+    import datasets  # noqa: PLC0415
+
+    builder = datasets.load_dataset_builder(source)
+    files = builder.config.data_files or {}
+    if not files:
+        raise DataError(f"{source}: no data files found (an empty folder or repository?)")
+    return dict(files)
+
+
+def _load_split_files(source: str, files: dict[str, Any], splits: list[str], streaming: bool = False) -> Any:
+    """``load_dataset`` of ``splits`` only: the other splits are never downloaded nor prepared."""
+    import datasets  # noqa: PLC0415
+
+    return datasets.load_dataset(source, data_files={s: files[s] for s in splits}, streaming=streaming)
+
+
+class _LazySplits(dict):
+    """The splits of a Hub set or a local folder by name; a split is loaded when first asked for, alone."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+        self.files = _split_files(source)
+
+    def keys(self) -> Any:
+        return self.files.keys()
+
+    def __contains__(self, split: object) -> bool:
+        return split in self.files
+
+    def __missing__(self, split: str) -> Any:
+        if split not in self.files:
+            raise KeyError(split)
+        try:
+            self[split] = _load_split_files(self.source, self.files, [split])[split]
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"cannot load split {split!r} of {self.source} ({type(e).__name__}: {e})") from e
+        return super().__getitem__(split)
+
+    def peek(self, split: str, rows: int = 64) -> Any:
+        """The first ``rows`` examples of ``split``, streamed (enough to check that it is labelled)."""
+        import datasets  # noqa: PLC0415
+
+        stream = _load_split_files(self.source, self.files, [split], streaming=True)[split]
+        return datasets.Dataset.from_list(list(stream.take(rows)), features=stream.features)
+
+
+def _open(source: str) -> Any:
+    """A Hub data set or a local folder by split, each split loaded when used (see :class:`_LazySplits`)."""
+    try:
+        return _LazySplits(source)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001  (datasets and huggingface_hub raise many types)
+        if Path(source).expanduser().exists():
+            raise DataError(
+                f"cannot read {source} as a data set ({type(e).__name__}: {e}); --data-dir takes a "
+                "save_to_disk folder, an imagefolder tree (train/<class>/<image>, test/<class>/<image>) or a "
+                "local copy of a Hub dataset"
+            ) from e
+        raise DataError(
+            f"could not load data set {source!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+            "Offline or behind a firewall? On a machine with network run "
+            f"`datasets.load_dataset({source!r}).save_to_disk(DIR)` "
+            "(or `hf download --repo-type dataset NAME --local-dir DIR`), copy DIR here and pass "
+            "--data-dir DIR. Gated sets (ImageNet) also need `hf auth login` and accepted terms."
+        ) from e
+
+
 def _load_local(path: Path) -> Any:
     import datasets  # noqa: PLC0415
 
     if (path / "dataset_dict.json").is_file():
-        return datasets.load_from_disk(str(path))
+        return datasets.load_from_disk(str(path))  # memory-mapped: nothing to prepare
     if (path / "state.json").is_file():
         raise DataError(
             f"{path} is a save_to_disk folder of a single split; save a DatasetDict with train and test "
             "splits "
             "(DatasetDict({'train': ..., 'test': ...}).save_to_disk(DIR))"
         )
-    try:  # imagefolder tree or a local copy of a Hub dataset repository (parquet, arrow, csv + images)
-        return datasets.load_dataset(str(path))
-    except Exception as e:  # noqa: BLE001  (datasets raises many types; all mean "not a data set")
-        raise DataError(
-            f"cannot read {path} as a data set ({type(e).__name__}: {e}); --data-dir takes a save_to_disk "
-            "folder, an imagefolder tree (train/<class>/<image>, test/<class>/<image>) or a local copy of a "
-            "Hub dataset"
-        ) from e
+    return _open(str(path))  # imagefolder tree or a local copy of a Hub dataset repository
 
 
-def _load_hub(name: str, split: str | None) -> Any:
-    import datasets  # noqa: PLC0415
-
-    try:
-        return datasets.load_dataset(name, split=split)
-    except Exception as e:  # noqa: BLE001
-        raise DataError(
-            f"could not load data set {name!r} from the Hugging Face Hub ({type(e).__name__}: {e}). Offline "
-            "or behind a firewall? On a machine with network run "
-            f"`datasets.load_dataset({name!r}).save_to_disk(DIR)` "
-            "(or `hf download --repo-type dataset NAME --local-dir DIR`), copy DIR here and pass "
-            "--data-dir DIR. Gated sets (ImageNet) also need `hf auth login` and accepted terms."
-        ) from e
+def _peek(dsd: Any, split: str) -> Any:
+    return dsd.peek(split) if isinstance(dsd, _LazySplits) else dsd[split]
 
 
 def _pick_test_split(dsd: Any, label_column: str | None, requested: str | None) -> str:
@@ -222,10 +281,11 @@ def _pick_test_split(dsd: Any, label_column: str | None, requested: str | None) 
     for candidate in TEST_SPLIT_NAMES:
         if candidate not in dsd:
             continue
-        column = label_column or _detect_label_column(dsd[candidate], None, strict=False)
-        if column is None or column not in dsd[candidate].column_names or len(dsd[candidate]) == 0:
+        split = _peek(dsd, candidate)
+        column = label_column or _detect_label_column(split, None, strict=False)
+        if column is None or column not in split.column_names or len(split) == 0:
             return candidate  # the column checks that follow say what is wrong
-        if min(dsd[candidate].unique(column)) >= 0:  # e.g. ImageNet's unlabelled test split has -1
+        if min(split.unique(column)) >= 0:  # e.g. ImageNet's unlabelled test split has -1
             return candidate
     raise DataError(
         f"no labelled test split among {names} (looked for {list(TEST_SPLIT_NAMES)}); name one with "
@@ -283,6 +343,7 @@ def load_image_dataset(
     image_column: str | None = None,
     label_column: str | None = None,
     need_train: bool = True,
+    streaming: bool = False,
 ) -> ImageData:
     """Load an image-classification data set and detect its splits and columns.
 
@@ -294,7 +355,13 @@ def load_image_dataset(
             ``val``.
         image_column / label_column: column names; ``None`` detects them (``datasets.Image`` feature;
             ``ClassLabel`` feature, preferring ``label`` and ``fine_label``).
-        need_train: ``False`` loads only what testing needs (a Hub set then downloads only its test split).
+        need_train: ``False`` loads only what testing needs.
+        streaming: the training split as a ``datasets.IterableDataset`` (read as it is used; its size is in
+            ``ImageData.num_train``).
+
+    A Hub set or a local folder of data files loads only the splits used (ImageNet's 100k unlabelled test
+    images are never downloaded when it tests on ``validation``); a test split chosen automatically is first
+    checked for labels on its first rows, streamed.
 
     Raises:
         DataError: unreachable, malformed or incomplete data set; the message says what to do.
@@ -313,16 +380,13 @@ def load_image_dataset(
         dsd = _load_local(local)
     elif name == DIGITS:
         dsd = digits_dataset()
-    elif not need_train and val_split:
-        dsd = {val_split: _load_hub(name, val_split)}
     else:
-        dsd = _load_hub(name, None)
-    if not hasattr(dsd, "keys"):
-        raise DataError(f"{name}: expected a data set with splits, got a single {type(dsd).__name__}")
+        dsd = _open(name)
 
     test_split = _pick_test_split(dsd, label_column, val_split)
     test = dsd[test_split]
     train = None
+    num_train = None
     if need_train:
         if not train_split or train_split not in dsd:
             raise DataError(
@@ -331,17 +395,22 @@ def load_image_dataset(
             )
         if train_split == test_split:
             raise DataError(f"the training and test splits are both {test_split!r}; pick another --val-split")
-        train = dsd[train_split]
+        if streaming:
+            train, num_train = _stream(dsd, train_split)
+        else:
+            train = dsd[train_split]
+            num_train = len(train)
     image_column = _detect_image_column(test, image_column)
     label_column = _detect_label_column(test, label_column)
-    label_names = _label_names(train if train is not None else test, label_column)
+    label_names = _label_names(train if train is not None and not streaming else test, label_column)
     for split_name, split in ((train_split, train), (test_split, test)):
         if split is None:
             continue
-        missing = {image_column, label_column} - set(split.column_names)
+        missing = {image_column, label_column} - set(split.column_names or ())
         if missing:
             raise DataError(f"split {split_name!r} lacks column(s) {sorted(missing)}")
-        if len(split) == 0:
+    for split_name, size in ((train_split, num_train), (test_split, len(test))):
+        if size == 0:
             raise DataError(f"split {split_name!r} is empty")
     return ImageData(
         name=name,
@@ -353,7 +422,27 @@ def load_image_dataset(
         train_split=train_split if need_train else None,
         test_split=test_split,
         data_dir=str(local) if local is not None else None,
+        num_train=num_train,
+        streamed=streaming and train is not None,
     )
+
+
+def _stream(dsd: Any, split: str) -> tuple[Any, int]:
+    """``split`` as a ``datasets.IterableDataset`` and its number of examples."""
+    if not isinstance(dsd, _LazySplits):  # in memory or memory-mapped: stream it in shards all the same
+        ds = dsd[split]
+        return ds.to_iterable_dataset(num_shards=max(1, min(len(ds), 64))), len(ds)
+    import datasets  # noqa: PLC0415
+
+    stream = _load_split_files(dsd.source, dsd.files, [split], streaming=True)[split]
+    splits = datasets.load_dataset_builder(dsd.source).info.splits or {}
+    if split in splits and splits[split].num_examples:
+        return stream, int(splits[split].num_examples)
+    _logger.info(
+        "counting the examples of the streamed split %r (its size is not in the data set's card)", split
+    )
+    first = next(iter(stream.features or {"": None}))
+    return stream, sum(1 for _ in stream.select_columns([first]))
 
 
 def _label_names(ds: Any, column: str) -> list[str]:
@@ -455,6 +544,12 @@ def _interp(name: str) -> T.InterpolationMode:
     }.get(name, T.InterpolationMode.BILINEAR)
 
 
+def _pil(image: Any, mode: str) -> Image.Image:
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    return image if image.mode == mode else image.convert(mode)
+
+
 class TorchImageDataset(torch.utils.data.Dataset):
     """A ``datasets.Dataset`` split as ``(image tensor, label)`` pairs through a transform."""
 
@@ -470,12 +565,77 @@ class TorchImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         row = self.ds[int(index)]
-        image = row[self.image_column]
-        if not isinstance(image, Image.Image):
-            image = Image.fromarray(np.asarray(image))
-        if image.mode != self.mode:
-            image = image.convert(self.mode)
-        return self.transform(image), int(row[self.label_column])
+        return self.transform(_pil(row[self.image_column], self.mode)), int(row[self.label_column])
+
+
+class StreamingImages(torch.utils.data.IterableDataset):
+    """This process's share of a streamed split (``datasets.IterableDataset``) as ``(image tensor, label)``.
+
+    The stream is shuffled (shard order, then a buffer of ``buffer_size`` examples) with the same ``seed`` on
+    every process and then split by ``datasets.distributed.split_dataset_by_node``: whole shards per process
+    when their number divides ``world_size``, else every ``world_size``-th example, so the processes read
+    disjoint parts that together cover the split. :meth:`set_epoch` reshuffles. In DataLoader workers,
+    ``datasets`` splits this process's shards over the workers.
+    """
+
+    def __init__(
+        self,
+        stream: Any,
+        image_column: str,
+        label_column: str,
+        transform: Any,
+        mode: str = "RGB",
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        buffer_size: int = 10_000,
+    ) -> None:
+        from datasets.distributed import split_dataset_by_node  # noqa: PLC0415
+
+        stream = stream.select_columns([image_column, label_column]).shuffle(
+            seed=seed, buffer_size=buffer_size
+        )
+        self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size)
+        self.image_column, self.label_column = image_column, label_column
+        self.transform, self.mode = transform, mode
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def __iter__(self) -> Any:
+        for row in self.stream:
+            yield self.transform(_pil(row[self.image_column], self.mode)), int(row[self.label_column])
+
+
+class FixedLengthLoader:
+    """``steps`` batches per epoch from ``loader`` (over a :class:`StreamingImages`), on every process.
+
+    The processes of a distributed run must take the same number of optimizer steps, whatever their shards
+    hold: a stream that runs short is read again from its start (a few examples twice), one that holds more
+    is cut. ``set_epoch`` reshuffles, as a prepared loader's does.
+    """
+
+    def __init__(self, loader: DataLoader, steps: int) -> None:
+        self.loader, self.steps = loader, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.dataset.set_epoch(epoch)
+
+    def __iter__(self) -> Any:
+        done = 0
+        while True:
+            before = done
+            for batch in self.loader:
+                yield batch
+                done += 1
+                if done == self.steps:
+                    return
+            if done == before:
+                raise DataError("the streamed training split gave this process no batch")
 
 
 def loader_kwargs(workers: int, pin_memory: bool) -> dict[str, Any]:

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from timm_svb import SVB, SVBStats
 
 __all__ = [
-    "EpochLR",
     "RecordingSVB",
+    "RecipeLR",
     "TrainStats",
     "evaluate",
     "lr_at_epoch",
@@ -36,7 +36,7 @@ __all__ = [
 
 
 def lr_at_epoch(
-    epoch: int,
+    epoch: float,
     *,
     sched: str = "exp",
     lr: float = 0.5,
@@ -46,46 +46,65 @@ def lr_at_epoch(
     warmup_epochs: int = 0,
     warmup_lr: float = 1e-4,
 ) -> float:
-    """Learning rate during 0-based ``epoch``.
+    """Learning rate at ``epoch`` (0-based; a fraction is a point inside an epoch).
 
-    ``exp`` is the reference's stepped exponential decay: ``decay_stages`` log-spaced values from ``lr`` down
-    to ``min_lr`` (both included), stage ``floor(epoch * decay_stages / epochs)`` in epoch ``epoch`` (160
-    epochs and 80 stages: each value held for 2 epochs). ``cosine`` anneals from ``lr`` to ``min_lr`` over
-    the epochs after warm-up, ``const`` keeps ``lr``. ``warmup_epochs`` ramp linearly from ``warmup_lr``
-    first.
+    ``warmup_epochs`` ramp linearly from ``warmup_lr`` at 0 towards ``lr`` at ``warmup_epochs``,
+    continuously (per step, with ``epoch = step / steps_per_epoch``). After warm-up the schedule is held
+    for whole epochs: ``exp`` is the reference's stepped exponential decay, ``decay_stages`` log-spaced values
+    from ``lr`` down to ``min_lr`` (both included), stage ``floor(e * decay_stages / epochs)`` in epoch ``e``
+    (160 epochs and 80 stages: each value held for 2 epochs); ``cosine`` anneals from ``lr`` to ``min_lr``
+    over the epochs after warm-up; ``const`` keeps ``lr``.
     """
     if epoch < warmup_epochs:
         return warmup_lr + (lr - warmup_lr) * epoch / warmup_epochs
+    e = math.floor(epoch)
     if sched == "const":
         return lr
     if sched == "exp":
         if lr <= 0 or min_lr <= 0:
             raise ValueError(f"the exp schedule needs --lr and --min-lr > 0, got {lr} and {min_lr}")
-        stage = min(epoch * decay_stages // epochs, decay_stages - 1)
+        stage = min(e * decay_stages // epochs, decay_stages - 1)
         if decay_stages == 1:
             return lr
         return lr * (min_lr / lr) ** (stage / (decay_stages - 1))
     if sched == "cosine":
         span = max(epochs - warmup_epochs, 1)
-        t = min(epoch - warmup_epochs, span) / span
+        t = min(e - warmup_epochs, span) / span
         return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
     raise ValueError(f"unknown schedule {sched!r} (exp, cosine, const)")
 
 
-class EpochLR(LRScheduler):
-    """:func:`lr_at_epoch` as a torch scheduler, stepped once per epoch (``scheduler.step()`` at its end).
+class RecipeLR(LRScheduler):
+    """:func:`lr_at_epoch` at ``step / steps_per_epoch``, stepped after every optimizer step.
 
-    All parameter groups get the same rate. Its ``state_dict`` is the epoch counter and settings, so
-    ``accelerator.save_state`` / ``load_state`` restore it.
+    Warm-up therefore rises every step; the schedule after it changes at epoch boundaries. All parameter
+    groups get the same rate. ``state_dict`` holds the step count only: a resumed run takes the schedule's
+    settings (``--epochs``, ``--lr``, ...) from its command line, as the rest of the recipe does.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, last_epoch: int = -1, **schedule: Any) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, **schedule: Any) -> None:
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        self.steps_per_epoch = steps_per_epoch
         self.schedule = schedule
         lr_at_epoch(0, **schedule)  # validate
-        super().__init__(optimizer, last_epoch)
+        super().__init__(optimizer)
 
     def get_lr(self) -> list[float]:
-        return [lr_at_epoch(max(self.last_epoch, 0), **self.schedule) for _ in self.optimizer.param_groups]
+        lr = lr_at_epoch(max(self.last_epoch, 0) / self.steps_per_epoch, **self.schedule)
+        return [lr for _ in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.last_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "step" in state_dict:
+            self.last_epoch = int(state_dict["step"])
+        else:  # a checkpoint of the per-epoch scheduler of earlier versions: epochs done
+            self.last_epoch = int(state_dict["last_epoch"]) * self.steps_per_epoch
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+            group["lr"] = lr
 
 
 # ---------------------------------------------------------------------------------------- SVB schedule
@@ -158,6 +177,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     accelerator: Any,
     *,
+    scheduler: Any = None,
     epoch: int = 0,
     grad_accum_steps: int = 1,
     smoothing: float = 0.0,
@@ -168,11 +188,13 @@ def train_one_epoch(
 ) -> TrainStats:
     """One epoch of SGD with Accelerate; the SVB plugin (if attached to ``optimizer``) runs in its step hook.
 
-    Every loader batch is one optimizer step: with ``grad_accum_steps = k`` it is cut into ``k`` micro-batches
-    whose gradients are accumulated (``accelerator.accumulate``; the accelerator must be built with
-    ``GradientAccumulationPlugin(num_steps=k, sync_with_dataloader=False)``), so the step equals the
-    un-accumulated one. The loss is synchronised only every ``log_interval`` steps (progress bar) and at the
-    end.
+    Every loader batch is one optimizer step, after which ``scheduler`` (if given) is stepped: with
+    ``grad_accum_steps = k`` it is cut into ``k`` micro-batches whose gradients are accumulated
+    (``accelerator.accumulate``, which skips DDP's gradient all-reduce until the last one; the accelerator
+    must be built with ``GradientAccumulationPlugin(num_steps=k, sync_with_dataloader=False)``), so the step
+    equals the un-accumulated one. The loss is synchronised only every ``log_interval`` steps (progress bar)
+    and at the end. Batches of a loader not prepared by ``accelerator`` (a streamed split) are moved to its
+    device here.
     """
     model.train()
     device = accelerator.device
@@ -189,6 +211,8 @@ def train_one_epoch(
     )
     start = time.perf_counter()
     for x, y in loader:
+        if x.device != device:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         pairs = (
@@ -207,6 +231,8 @@ def train_one_epoch(
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             chunks_done += 1
+        if scheduler is not None:
+            scheduler.step()
         steps += 1
         images += x.shape[0]
         if not bar.disable:

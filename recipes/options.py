@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["build_parser", "load_config_file", "parse_args"]
+__all__ = ["build_parser", "load_config_file", "parse_args", "scaled_lr"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -84,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="test split, evaluated every epoch (default: the first labelled of test, validation, valid, "
         "val)",
+    )
+    group.add_argument(
+        "--streaming",
+        action="store_true",
+        help="stream the training split with datasets (an IterableDataset, its shards split over the "
+        "processes by split_dataset_by_node) instead of downloading it: for sets larger than a node's disk. "
+        "The test split is downloaded as usual",
+    )
+    group.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="--streaming: examples in each process's shuffle buffer (reshuffled every epoch)",
     )
     group.add_argument("--image-column", default=None, help="image column (default: detected)")
     group.add_argument("--label-column", default=None, help="label column (default: detected)")
@@ -161,16 +175,40 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--lr", type=float, default=0.2, help="initial learning rate (the paper: 0.5; ImageNet 0.045)"
     )
+    group.add_argument(
+        "--lr-base",
+        type=float,
+        default=None,
+        metavar="LR",
+        help="learning rate at a global batch of --lr-base-size: sets --lr = LR x batch / lr-base-size "
+        "(timm's rule; --lr-base-scale sqrt takes the square root of the ratio). Replaces --lr from a "
+        "config; not with --lr on the command line",
+    )
+    group.add_argument(
+        "--lr-base-size", type=int, default=256, metavar="N", help="global batch of --lr-base (timm: 256)"
+    )
+    group.add_argument(
+        "--lr-base-scale",
+        default="",
+        choices=("", "linear", "sqrt"),
+        help="--lr-base scaling: linear, sqrt, or '' (timm's default: sqrt for optimizers named ada* or "
+        "lamb, else linear)",
+    )
     group.add_argument("--min-lr", type=float, default=0.001, help="final learning rate of exp / cosine")
     group.add_argument(
         "--sched",
         default="exp",
         choices=("exp", "cosine", "const"),
         help="exp: the reference's stepped exponential decay (--decay-stages log-spaced values from --lr to "
-        "--min-lr over the epochs); cosine; const. Stepped once per epoch",
+        "--min-lr over the epochs); cosine; const. Held for whole epochs (warm-up rises every step)",
     )
     group.add_argument("--decay-stages", type=int, default=80, help="stages of the exp schedule")
-    group.add_argument("--warmup-epochs", type=int, default=0, help="linear warm-up epochs")
+    group.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=0,
+        help="linear warm-up from --warmup-lr to --lr over these epochs, rising every optimizer step",
+    )
     group.add_argument("--warmup-lr", type=float, default=1e-4, help="warm-up start learning rate")
     group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     group.add_argument(
@@ -257,7 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train on the CPU even when an accelerator is there (gloo when distributed)",
     )
-    group.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
+    group.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the model (alone: the inductor backend; or a backend name, e.g. aot_eager). "
+        "Checkpoints and weights stay plain timm state dicts",
+    )
     group.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
@@ -276,7 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("reduce", "broadcast", "none"),
         help="distributed: average (reduce) or copy from rank 0 (broadcast) the BN statistics before testing",
     )
-    group.add_argument("--sync-bn", action="store_true", help="distributed: SyncBatchNorm (CUDA)")
+    group.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="distributed: SyncBatchNorm, BN statistics over all processes' images (GPUs only; worth it when "
+        "batch / (processes x --grad-accum-steps) is below 32)",
+    )
     group.add_argument("--seed", type=int, default=42, help="random seed")
     group.add_argument(
         "--deterministic", action="store_true", help="deterministic algorithms (slower on GPUs)"
@@ -360,4 +411,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**load_config_file(pre.config, parser))
     args = parser.parse_args(remaining)
     args.config = pre.config
+    if args.compile is True:  # `compile: true` in a YAML config
+        args.compile = "inductor"
+    if args.lr_base is not None:
+        if any(a == "--lr" or a.startswith("--lr=") for a in remaining):
+            parser.error("--lr and --lr-base both given: --lr-base computes --lr; pass one of them")
+        args.lr = scaled_lr(args.lr_base, args.batch_size, args.lr_base_size, args.lr_base_scale, args.opt)
     return args
+
+
+def scaled_lr(lr_base: float, batch_size: int, lr_base_size: int, scale: str, opt: str) -> float:
+    """timm's learning-rate scaling: ``lr_base x (batch_size / lr_base_size)``, square-rooted for ``sqrt``
+    (and by default for adaptive optimizers, whose names contain ``ada`` or ``lamb``). ``batch_size`` is the
+    global batch of one optimizer step."""
+    if lr_base_size < 1:
+        raise SystemExit(f"--lr-base-size must be >= 1, got {lr_base_size}")
+    ratio = batch_size / lr_base_size
+    if not scale:
+        scale = "sqrt" if any(o in opt.lower() for o in ("ada", "lamb")) else "linear"
+    return lr_base * (ratio**0.5 if scale == "sqrt" else ratio)

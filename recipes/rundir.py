@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
-import torch
 from torch import nn
 
 __all__ = [
@@ -34,7 +33,10 @@ __all__ = [
     "RunState",
     "atomic_write_text",
     "find_checkpoint",
+    "jsonable",
     "list_checkpoints",
+    "load_plain_weights",
+    "plain_state_dict",
     "save_checkpoint",
     "save_weights",
     "write_summary",
@@ -104,6 +106,24 @@ def save_weights(model: nn.Module, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
+
+
+def plain_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without the prefixes that wrappers put in front of every key: ``_orig_mod.``
+    (torch.compile) and ``module.`` (DDP), in any nesting, so that checkpoints of earlier versions, saved
+    through the wrappers, load."""
+    while state:
+        prefix = next((p for p in ("_orig_mod.", "module.") if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def load_plain_weights(model: nn.Module, path: Path) -> None:
+    """Load a safetensors state dict into ``model`` (the plain timm module), strictly, whatever wrapped the
+    model that saved it."""
+    model.load_state_dict(plain_state_dict(safetensors.torch.load_file(str(path))), strict=True)
 
 
 def write_summary(path: Path, history: list[dict[str, Any]]) -> None:
@@ -197,18 +217,17 @@ def _fsync_tree(folder: Path) -> None:
 
 def write_run_json(path: Path, run: dict[str, Any]) -> None:
     """``run.json``, atomically."""
-    atomic_write_text(path, json.dumps(_jsonable(run), indent=2) + "\n")
+    atomic_write_text(path, json.dumps(jsonable(run), indent=2) + "\n")
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON holds it: string keys, lists for tuples, None for NaN/Inf, str for other types."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
-    if isinstance(value, torch.dtype):
-        return str(value)
     return str(value)

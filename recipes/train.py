@@ -28,12 +28,28 @@ from engine import evaluate  # noqa: E402
 from options import parse_args  # noqa: E402
 from trainer import TrainResult, fit  # noqa: E402
 
-__all__ = ["build_test_loader", "digits_dataset", "evaluate", "main"]
+__all__ = ["build_test_loader", "digits_dataset", "evaluate", "main", "run_in_process"]
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
     """Parse ``argv`` (default: ``sys.argv[1:]``) and train."""
     return fit(parse_args(argv))
+
+
+def run_in_process(argv: list[str]) -> TrainResult:
+    """``main(argv)`` as one of several runs in a process (tests, benchmarks): Accelerate's process-wide state
+    is reset before and after, so that each run can take other settings."""
+    from accelerate.state import AcceleratorState, GradientState  # noqa: PLC0415
+
+    def reset() -> None:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    reset()
+    try:
+        return main(argv)
+    finally:
+        reset()
 
 
 if __name__ == "__main__":

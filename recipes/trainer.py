@@ -24,17 +24,22 @@ from accelerate.utils import (
 )
 from data import (
     DIGITS,
+    FixedLengthLoader,
     ImageData,
+    StreamingImages,
     TorchImageDataset,
     build_transforms,
     load_image_dataset,
     loader_kwargs,
     resolve_aug,
 )
-from engine import EpochLR, RecordingSVB, evaluate, parse_svb_every, svb_apply_steps, train_one_epoch
+from engine import RecipeLR, RecordingSVB, evaluate, parse_svb_every, svb_apply_steps, train_one_epoch
 from rundir import (
     RunState,
     find_checkpoint,
+    jsonable,
+    load_plain_weights,
+    plain_state_dict,
     save_checkpoint,
     save_weights,
     write_run_json,
@@ -51,16 +56,43 @@ __all__ = ["TrainResult", "fit", "make_accelerator"]
 
 _logger = logging.getLogger("recipes.train")
 
+# What a resumed run cannot change: its checkpoint's weights, data order and random state depend on them.
+RESUME_FIXED = (
+    "model",
+    "model_kwargs",
+    "num_classes",
+    "dataset",
+    "train_split",
+    "batch_size",
+    "seed",
+    "streaming",
+)
+# Options that do not change what is trained: not reported when they differ on resume.
+RESUME_QUIET = (
+    "config",
+    "resume",
+    "output",
+    "stop_after",
+    "progress",
+    "log_interval",
+    "log_with",
+    "checkpoint_hist",
+    "spectrum_every",
+)
+# BN and BBN statistics from fewer images per process than this get a warning (and a pointer to --sync-bn).
+MIN_BN_BATCH = 32
+
 
 @dataclass
 class TrainResult:
     """What :func:`fit` returns (the run folder holds the same on disk)."""
 
     run_dir: Path
-    model: nn.Module  # unwrapped
+    model: nn.Module  # the plain timm model, without the compile / DDP wrappers
     svb: RecordingSVB | None
     state: RunState
     finished: bool
+    start_epoch: int = 0  # epochs completed before this invocation (a resumed run's checkpoint)
     svb_steps: list[int] = field(default_factory=list)  # steps of the whole run after which SVB bounds
     run: dict[str, Any] = field(default_factory=dict)
 
@@ -126,7 +158,7 @@ def _model_kwargs(args: Any, num_classes: int) -> dict[str, Any]:
 
 def load_initial_checkpoint(model: nn.Module, path: str) -> None:
     """Load weights for fine-tuning; classifier tensors of another shape are dropped (a new head)."""
-    state = timm.models.load_state_dict(path, weights_only=True)
+    state = plain_state_dict(timm.models.load_state_dict(path, weights_only=True))
     own = model.state_dict()
     classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
     prefixes = (
@@ -168,36 +200,60 @@ def _svb_settings(args: Any, model: nn.Module) -> dict[str, Any] | None:
     return {"epsilon": float(epsilon), "bbn_epsilon": None if bbn is None else float(bbn)}
 
 
-def _warn_if_recipe_differs(run_dir: Path, args: Any) -> None:
-    """A resumed run should keep its recipe: warn about settings that differ from its ``run.json``."""
-    path = run_dir / "run.json"
-    if not path.is_file():
-        return
-    recipe = json.loads(path.read_text(encoding="utf-8")).get("recipe", {})
-    keys = (
-        "model",
-        "dataset",
-        "epochs",
-        "batch_size",
-        "lr",
-        "min_lr",
-        "sched",
-        "decay_stages",
-        "weight_decay",
-        "svb_epsilon",
-        "bbn_epsilon",
-        "no_svb",
-        "no_bbn",
-        "svb_every",
-        "seed",
-    )
-    changed = [
-        f"{k}: {recipe[k]!r} -> {getattr(args, k)!r}"
-        for k in keys
-        if k in recipe and recipe[k] != getattr(args, k)
-    ]
-    if changed:
-        _logger.warning("resuming with settings that differ from the run's: %s", "; ".join(changed))
+def _resume_changes(record: dict[str, Any], args: dict[str, Any], run_dir: Path) -> dict[str, list[Any]]:
+    """The options of a resumed run that differ from its record (``run.json``): ``{name: [run's, now]}``.
+
+    One rule: the command line wins (the LR schedule, SVB's schedule, the optimizer and everything else take
+    the new values from the resumed epoch on), except for :data:`RESUME_FIXED`, which are refused.
+    """
+    before = record.get("args")
+    if before is None:  # a run of an earlier version: its recipe, less the options it holds resolved
+        resolved = ("hflip", "aug", "workers", "mixed_precision", "channels_last")
+        before = {k: v for k, v in record.get("recipe", {}).items() if k not in resolved}
+    now = jsonable(args)
+    changed = {
+        k: [before[k], v] for k, v in now.items() if k in before and before[k] != v and k not in RESUME_QUIET
+    }
+    fixed = [k for k in RESUME_FIXED if k in changed]
+    if fixed:
+        raise SystemExit(
+            "cannot resume with another "
+            + ", ".join(
+                f"--{k.replace('_', '-')} ({changed[k][0]!r} in the run, {changed[k][1]!r} now)"
+                for k in fixed
+            )
+            + ": the checkpoint's weights, data order and random state depend on it. Resume "
+            f"{run_dir} without changing it, or start a new run from its weights with --initial-checkpoint "
+            f"{run_dir / 'model_final.safetensors'} (or model_best)"
+        )
+    return changed
+
+
+def _checkpoint_plain_weights(accelerator: Accelerator, plain: nn.Module) -> None:
+    """Make ``accelerator.save_state`` / ``load_state`` use the timm model's own state dict.
+
+    Accelerate saves the prepared model through its wrappers (``_orig_mod.`` keys under torch.compile,
+    ``module.`` under DDP), so a checkpoint would only resume under the same wrappers. With these hooks (the
+    pattern of Accelerate's ``register_*_state_pre_hook``) the checkpoint holds plain keys and loads into the
+    plain module: a run resumes with or without ``--compile``, and under DDP or not.
+    """
+
+    def ours(model: nn.Module) -> bool:
+        return accelerator.unwrap_model(model, keep_torch_compile=False) is plain
+
+    def save_hook(models: list[nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
+        for i, model in enumerate(models):
+            if ours(model):
+                weights[i] = plain.state_dict()
+
+    def load_hook(models: list[nn.Module], input_dir: str) -> None:
+        if [ours(m) for m in models] != [True]:
+            raise RuntimeError("the recipe checkpoints exactly one model")
+        models.clear()  # loaded here, not by Accelerate
+        load_plain_weights(plain, Path(input_dir) / "model.safetensors")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
 
 
 def _flat_hparams(config: dict[str, Any]) -> dict[str, Any]:
@@ -227,13 +283,14 @@ def make_accelerator(
     mixed_precision: str | None = None,
     grad_accum_steps: int = 1,
     seed: int = 42,
-    compile: bool = False,
+    compile: str | None = None,
     log_with: list[str] | None = None,
     project_dir: Path | None = None,
 ) -> Accelerator:
     """The recipe's Accelerator: the loaders yield global batches (``split_batches``) shuffled by a seeded
     sampler (the same order on every process and after a resume), gradient accumulation is driven by
-    :func:`engine.train_one_epoch` (``sync_with_dataloader=False``), the scheduler is stepped per epoch."""
+    :func:`engine.train_one_epoch` (``sync_with_dataloader=False``), which also steps the scheduler after
+    every optimizer step. ``compile`` is a torch.compile backend (``inductor``) or None."""
     return Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
@@ -244,7 +301,7 @@ def make_accelerator(
             split_batches=True, use_seedable_sampler=True, data_seed=seed, non_blocking=True
         ),
         step_scheduler_with_optimizer=False,
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if compile else None,
+        dynamo_plugin=TorchDynamoPlugin(backend=compile) if compile else None,
         log_with=log_with or None,
         project_dir=None if project_dir is None else str(project_dir),
     )
@@ -255,6 +312,7 @@ def make_accelerator(
 
 def fit(args: Any) -> TrainResult:
     """Train as ``args`` (from :func:`options.parse_args`) says; see ``recipes/train.py --help``."""
+    given = dict(vars(args))  # as parsed, before anything is resolved: recorded, and compared on resume
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # torchrun / accelerate launch on machines without an accelerator: gloo on the CPU
@@ -262,6 +320,9 @@ def fit(args: Any) -> TrainResult:
     state = PartialState(cpu=cpu)
     _setup_logging(state.is_main_process)
     run_dir, resume_from = _run_dir(args, state)
+    record = run_dir / "run.json"
+    previous = json.loads(record.read_text(encoding="utf-8")) if resume_from and record.is_file() else {}
+    changed = _resume_changes(previous, given, run_dir) if previous else {}
     state.wait_for_everyone()  # every process has looked at the run folder before the main one writes to it
 
     if args.batch_size % (state.num_processes * args.grad_accum_steps):
@@ -269,6 +330,8 @@ def fit(args: Any) -> TrainResult:
             f"--batch-size {args.batch_size} (global) must be a multiple of processes x --grad-accum-steps "
             f"= {state.num_processes} x {args.grad_accum_steps}"
         )
+    if args.sync_bn and state.num_processes > 1 and state.device.type == "cpu":
+        raise SystemExit("--sync-bn needs GPUs (torch's SyncBatchNorm has no CPU implementation); drop it")
     accelerator = make_accelerator(
         cpu=cpu,
         mixed_precision=args.mixed_precision,
@@ -284,7 +347,9 @@ def fit(args: Any) -> TrainResult:
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    set_seed(args.seed)
+    # seed + rank, as timm's train.py: every process draws its own crops and flips; the loaders' shuffle is
+    # seeded apart (data_seed / the stream's seed), the same on every process; DDP copies rank 0's init
+    set_seed(args.seed, device_specific=True)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
     _logger.info(
@@ -294,9 +359,10 @@ def fit(args: Any) -> TrainResult:
         accelerator.mixed_precision,
         run_dir,
     )
+    bn_batch = args.batch_size // (accelerator.num_processes * args.grad_accum_steps)
 
     # ---------------------------------------------------------------- data
-    with accelerator.main_process_first():
+    with accelerator.local_main_process_first():  # one download / cache per node
         data: ImageData = load_image_dataset(
             args.dataset,
             args.data_dir,
@@ -304,15 +370,17 @@ def fit(args: Any) -> TrainResult:
             val_split=args.val_split,
             image_column=args.image_column,
             label_column=args.label_column,
+            streaming=args.streaming,
         )
     num_classes = args.num_classes or data.num_classes
     if num_classes < data.num_classes:
         raise SystemExit(f"--num-classes {num_classes} < the data set's {data.num_classes} classes")
     _logger.info(
-        "data %s: %d train (%s), %d test (%s) images, %d classes",
+        "data %s: %d train (%s%s), %d test (%s) images, %d classes",
         data.name,
-        len(data.train),
+        data.num_train,
         data.train_split,
+        ", streamed" if data.streamed else "",
         len(data.test),
         data.test_split,
         data.num_classes,
@@ -320,7 +388,7 @@ def fit(args: Any) -> TrainResult:
 
     # ---------------------------------------------------------------- model
     model_kwargs = _model_kwargs(args, num_classes)
-    with accelerator.main_process_first():
+    with accelerator.local_main_process_first():
         model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
     if args.init == "orthogonal" and not args.pretrained:
         timm_svb.orthogonal_init_(model)
@@ -328,6 +396,24 @@ def fit(args: Any) -> TrainResult:
         load_initial_checkpoint(model, args.initial_checkpoint)
     if args.sync_bn and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif (
+        bn_batch < MIN_BN_BATCH
+        and accelerator.is_main_process
+        and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    ):
+        _logger.warning(
+            "BN%s statistics come from %d images per process (--batch-size %d / (%d process(es) x %d "
+            "accumulation steps)), fewer than %d: expect noisier training%s",
+            " and BBN" if not args.no_bbn else "",
+            bn_batch,
+            args.batch_size,
+            accelerator.num_processes,
+            args.grad_accum_steps,
+            MIN_BN_BATCH,
+            "; --sync-bn computes them over all processes"
+            if accelerator.num_processes > 1 and device.type != "cpu"
+            else "",
+        )
     if args.channels_last is None:
         args.channels_last = accelerator.device.type == "cpu"
     if args.channels_last:
@@ -364,17 +450,38 @@ def fit(args: Any) -> TrainResult:
         per_process = max(1, (os.cpu_count() or 1) // max(1, local_processes))
         workers = 0 if device.type == "cpu" else min(8, per_process)
     pin = device.type == "cuda"
-    train_loader = DataLoader(
-        TorchImageDataset(data.train, data.image_column, data.label_column, train_tf, mode),
-        batch_size=args.batch_size,
-        shuffle=True,
-        drop_last=True,
-        **loader_kwargs(workers, pin),
-    )
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = data.num_train // args.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(
-            f"--batch-size {args.batch_size} is larger than the {len(data.train)} training images"
+            f"--batch-size {args.batch_size} is larger than the {data.num_train} training images"
+        )
+    if data.streamed:
+        # each process reads its own shards (no Accelerate dispatch) and takes exactly steps_per_epoch batches
+        stream = StreamingImages(
+            data.train,
+            data.image_column,
+            data.label_column,
+            train_tf,
+            mode,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            seed=args.seed,
+            buffer_size=args.shuffle_buffer,
+        )
+        kwargs = loader_kwargs(workers, pin) | {"persistent_workers": False}  # workers see set_epoch
+        train_loader = FixedLengthLoader(
+            DataLoader(
+                stream, batch_size=args.batch_size // accelerator.num_processes, drop_last=True, **kwargs
+            ),
+            steps_per_epoch,
+        )
+    else:
+        train_loader = DataLoader(
+            TorchImageDataset(data.train, data.image_column, data.label_column, train_tf, mode),
+            batch_size=args.batch_size,
+            shuffle=True,
+            drop_last=True,
+            **loader_kwargs(workers, pin),
         )
     val_batch = args.validation_batch_size or args.batch_size
     val_batch = -(-val_batch // accelerator.num_processes) * accelerator.num_processes
@@ -405,8 +512,18 @@ def fit(args: Any) -> TrainResult:
             momentum=args.momentum,
             filter_bias_and_bn=False,
         )
-    scheduler = EpochLR(
+    if args.lr_base is not None:
+        _logger.info(
+            "lr %g = --lr-base %g x batch %d / --lr-base-size %d (%s)",
+            args.lr,
+            args.lr_base,
+            args.batch_size,
+            args.lr_base_size,
+            args.lr_base_scale or "timm's default scaling",
+        )
+    scheduler = RecipeLR(
         optimizer,
+        steps_per_epoch,
         sched=args.sched,
         lr=args.lr,
         min_lr=args.min_lr,
@@ -416,6 +533,12 @@ def fit(args: Any) -> TrainResult:
         warmup_lr=args.warmup_lr,
     )
     svb_settings = _svb_settings(args, model)
+    if previous and (previous.get("svb_config") is None) != (svb_settings is None):
+        raise SystemExit(
+            f"cannot resume {run_dir} with SVB {'on' if svb_settings else 'off'}: the run trained with it "
+            f"{'off' if svb_settings else 'on'} (its checkpoint holds {'no' if svb_settings else 'the'} SVB "
+            "schedule); resume with the run's SVB options, or start a new run with --initial-checkpoint"
+        )
     svb = None
     svb_config = None
     if svb_settings is not None:
@@ -440,11 +563,20 @@ def fit(args: Any) -> TrainResult:
             "skip_final_epoch": args.svb_skip_final_epoch,
         }
 
-    model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, test_loader, scheduler
-    )
-    if len(train_loader) != steps_per_epoch:
-        raise RuntimeError(f"prepared loader has {len(train_loader)} batches, expected {steps_per_epoch}")
+    if data.streamed:
+        model, optimizer, test_loader, scheduler = accelerator.prepare(
+            model, optimizer, test_loader, scheduler
+        )
+    else:
+        model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(
+            model, optimizer, train_loader, test_loader, scheduler
+        )
+        if len(train_loader) != steps_per_epoch:
+            raise RuntimeError(f"prepared loader has {len(train_loader)} batches, expected {steps_per_epoch}")
+    # the timm model inside the wrappers: what is saved, bounded, measured and returned. (unwrap_model with
+    # keep_torch_compile=True would put the plain model inside the compiled one and drop DDP's no_sync.)
+    plain = accelerator.unwrap_model(model, keep_torch_compile=False)
+    _checkpoint_plain_weights(accelerator, plain)
     run_state = RunState()
     accelerator.register_for_checkpointing(run_state)
     svb_steps: list[int] = []
@@ -468,14 +600,29 @@ def fit(args: Any) -> TrainResult:
             _logger.warning("SVB is on but its schedule never fires: check --svb-every / --svb-skip-last")
 
     if resume_from is not None:
-        _logger.info("resuming from %s", resume_from)
-        _warn_if_recipe_differs(run_dir, args)
+        # the command line's optimizer settings win over the checkpoint's (load_state_dict restores them)
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         accelerator.load_state(str(resume_from))
+        for group, own in zip(optimizer.param_groups, settings, strict=True):
+            group.update({k: v for k, v in own.items() if k != "lr"})
+        _logger.info(
+            "resumed %s after epoch %d of %d from %s%s",
+            run_dir,
+            run_state.epoch,
+            args.epochs,
+            resume_from.name,
+            (
+                "; changed on the command line, in effect from epoch "
+                f"{run_state.epoch + 1} on (LR schedule, SVB schedule, optimizer, ...): "
+                + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            )
+            if changed
+            else "",
+        )
     start_epoch = run_state.epoch
 
     # ---------------------------------------------------------------- run record
-    unwrapped = accelerator.unwrap_model(model)
-    pretrained_cfg = dict(getattr(unwrapped, "pretrained_cfg", {}) or {})
+    pretrained_cfg = dict(getattr(plain, "pretrained_cfg", {}) or {})
     pretrained_cfg.update(data_config)
     pretrained_cfg["num_classes"] = num_classes
     recipe = {k: v for k, v in vars(args).items()}
@@ -488,6 +635,9 @@ def fit(args: Any) -> TrainResult:
         steps_per_epoch=steps_per_epoch,
         svb=svb_config_full if svb is not None else None,
     )
+    resumes = list(previous.get("resumes", []))
+    if resume_from is not None:
+        resumes.append({"after_epoch": start_epoch, "checkpoint": resume_from.name, "changed": changed})
     run: dict[str, Any] = {
         "model": args.model,
         "model_kwargs": model_kwargs,
@@ -495,6 +645,8 @@ def fit(args: Any) -> TrainResult:
         "svb_config": svb_config,
         "dataset": data.describe(),
         "recipe": recipe,
+        "args": given,
+        "resumes": resumes,
         "metrics": {"best": None, "final": None},
         "pretrained_cfg": pretrained_cfg,
         "timm_svb_version": timm_svb.__version__,
@@ -527,7 +679,7 @@ def fit(args: Any) -> TrainResult:
             and run_state.best is not None
             and run_state.best["epoch"] == run_state.epoch
         ):
-            save_weights(unwrapped, run_dir / "model_best.safetensors")  # the save may have been cut short
+            save_weights(plain, run_dir / "model_best.safetensors")  # the save may have been cut short
         write_record("running")
     if _trackers(args.log_with):
         accelerator.init_trackers("logs", config=_flat_hparams(recipe))
@@ -545,6 +697,7 @@ def fit(args: Any) -> TrainResult:
             train_loader,
             optimizer,
             accelerator,
+            scheduler=scheduler,
             epoch=epoch,
             grad_accum_steps=args.grad_accum_steps,
             smoothing=args.smoothing,
@@ -554,9 +707,8 @@ def fit(args: Any) -> TrainResult:
             log_interval=args.log_interval,
         )
         if accelerator.num_processes > 1 and args.dist_bn != "none":
-            timm.utils.distribute_bn(model, accelerator.num_processes, reduce=args.dist_bn == "reduce")
+            timm.utils.distribute_bn(plain, accelerator.num_processes, reduce=args.dist_bn == "reduce")
         metrics = evaluate(model, test_loader, accelerator, channels_last=args.channels_last)
-        scheduler.step()
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "lr": lr,
@@ -582,11 +734,12 @@ def fit(args: Any) -> TrainResult:
         save_checkpoint(accelerator, run_dir, epoch + 1, args.checkpoint_hist)
         if accelerator.is_main_process:
             if is_best:
-                save_weights(unwrapped, run_dir / "model_best.safetensors")
+                save_weights(plain, run_dir / "model_best.safetensors")
             write_record("running")
         spectrum = {}
-        if args.spectrum_every and (epoch + 1) % args.spectrum_every == 0:
-            spectrum = spectrum_summary(model_spectrum(unwrapped), epsilon=_band_epsilon(svb))
+        # main process only: the other processes hold the same weights and the trackers live on the main one
+        if accelerator.is_main_process and args.spectrum_every and (epoch + 1) % args.spectrum_every == 0:
+            spectrum = spectrum_summary(model_spectrum(plain), epsilon=_band_epsilon(svb))
         accelerator.log(
             {
                 **spectrum,
@@ -625,8 +778,8 @@ def fit(args: Any) -> TrainResult:
     finished = run_state.epoch >= args.epochs
     if accelerator.is_main_process:
         if finished:
-            save_weights(unwrapped, run_dir / "model_final.safetensors")
-            plot_spectra({args.model: model_spectrum(unwrapped)}, run_dir / "spectra.png", _band_epsilon(svb))
+            save_weights(plain, run_dir / "model_final.safetensors")
+            plot_spectra({args.model: model_spectrum(plain)}, run_dir / "spectra.png", _band_epsilon(svb))
         write_record("finished" if finished else "stopped")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -643,10 +796,11 @@ def fit(args: Any) -> TrainResult:
     sys.stdout.flush()
     return TrainResult(
         run_dir=run_dir,
-        model=unwrapped,
+        model=plain,
         svb=svb,
         state=run_state,
         finished=finished,
+        start_epoch=start_epoch,
         svb_steps=svb_steps,
         run=run,
     )

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -14,6 +18,7 @@ if str(RECIPES) not in sys.path:
 import data as recipe_data  # noqa: E402
 import engine as recipe_engine  # noqa: E402
 import options as recipe_options  # noqa: E402
+import rundir as recipe_rundir  # noqa: E402
 import train  # noqa: E402
 
 __all__ = [
@@ -21,9 +26,11 @@ __all__ = [
     "RECIPES",
     "REPO",
     "make_data",
+    "one_thread",
     "recipe_data",
     "recipe_engine",
     "recipe_options",
+    "recipe_rundir",
     "run_recipe",
 ]
 
@@ -31,21 +38,18 @@ __all__ = [
 FAST = ["--workers", "0", "--no-progress", "--log-with", "none"]
 
 
-def reset_accelerate() -> None:
-    """Forget Accelerate's process-wide state so the next Accelerator can take other settings."""
-    from accelerate.state import AcceleratorState, GradientState  # noqa: PLC0415
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread in each module that imports this fixture (more threads spin on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_recipe(argv: list[str]) -> Any:
-    """``recipes/train.py ARGV`` in this process; returns its ``TrainResult``."""
-    reset_accelerate()
-    try:
-        return train.main([*argv, *FAST])
-    finally:
-        reset_accelerate()
+    """``recipes/train.py ARGV`` in this process (fast settings); returns its ``TrainResult``."""
+    return train.run_in_process([*argv, *FAST])
 
 
 def make_data(path: Path, **kwargs: Any) -> Path:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import json
+import logging
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +16,25 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from recipe_helpers import RECIPES, make_data, recipe_data, recipe_engine, recipe_options, run_recipe
+from recipe_helpers import (
+    RECIPES,
+    REPO,
+    make_data,
+    one_thread,  # noqa: F401  (autouse fixture)
+    recipe_data,
+    recipe_engine,
+    recipe_options,
+    recipe_rundir,
+    run_recipe,
+)
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import timm_svb  # noqa: F401  (registers the zoo)
 
 DIGITS, DataError = recipe_data.DIGITS, recipe_data.DataError
 build_test_loader, digits_dataset = recipe_data.build_test_loader, recipe_data.digits_dataset
 load_image_dataset = recipe_data.load_image_dataset
-EpochLR, evaluate, lr_at_epoch = recipe_engine.EpochLR, recipe_engine.evaluate, recipe_engine.lr_at_epoch
+RecipeLR, evaluate, lr_at_epoch = recipe_engine.RecipeLR, recipe_engine.evaluate, recipe_engine.lr_at_epoch
 parse_svb_every, parse_args = recipe_engine.parse_svb_every, recipe_options.parse_args
 
 RUN_KEYS = {
@@ -64,19 +80,69 @@ def test_lr_schedule_matches_reference(epoch: int) -> None:
     ) == pytest.approx(reference_lr(epoch), rel=1e-12)
 
 
-def test_epoch_scheduler_steps_once_per_epoch() -> None:
+def test_scheduler_holds_each_rate_for_whole_epochs() -> None:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=123.0)
-    scheduler = EpochLR(optimizer, sched="exp", lr=0.5, min_lr=0.001, epochs=160, decay_stages=80)
+    scheduler = RecipeLR(optimizer, 3, sched="exp", lr=0.5, min_lr=0.001, epochs=160, decay_stages=80)
     seen = []
-    for _ in range(160):
+    for _ in range(160 * 3):  # stepped after every optimizer step, 3 steps an epoch
         seen.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert seen == pytest.approx([reference_lr(e) for e in range(160)], rel=1e-12)
+    assert seen == pytest.approx([reference_lr(s // 3) for s in range(160 * 3)], rel=1e-12)
+    seen = seen[::3]
     assert seen[0] == 0.5 and seen[-1] == pytest.approx(0.001)
     # ImageNet (Table 4): the same shape from 0.045
     assert lr_at_epoch(0, lr=0.045, epochs=160) == 0.045
     assert lr_at_epoch(159, lr=0.045, epochs=160) == pytest.approx(0.001)
+
+
+def test_scheduler_checkpoint_holds_the_step_only() -> None:
+    """A resumed run takes the schedule's settings from its command line: the state is the step count."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    old = RecipeLR(optimizer, 4, sched="exp", lr=0.5, min_lr=0.001, epochs=2, decay_stages=80)
+    for _ in range(5):
+        optimizer.step()
+        old.step()
+    new = RecipeLR(optimizer, 4, sched="exp", lr=0.5, min_lr=0.001, epochs=4, decay_stages=80)
+    new.load_state_dict(old.state_dict())
+    assert old.state_dict() == {"step": 5} and new.last_epoch == 5
+    stage_20 = np.logspace(np.log10(0.5), np.log10(0.001), 80)[20]  # epoch 1 of 4: stage 1 * 80 // 4
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(stage_20, rel=1e-12)
+    new.load_state_dict({"last_epoch": 3})  # the per-epoch scheduler of earlier versions: epochs done
+    assert new.last_epoch == 12
+
+
+def test_lr_base_scales_with_the_global_batch() -> None:
+    """timm's --lr-base rule: lr = lr_base x batch / lr_base_size, square-rooted for adaptive optimizers."""
+    args = parse_args(["-c", "table4_inception_resnet_v2_svb", "--batch-size", "1024", "--lr-base", "0.045"])
+    assert args.lr == pytest.approx(0.045 * 1024 / 256)  # timm's default size 256 replaces the config's lr
+    args = parse_args([*"--batch-size 1024 --lr-base 0.045 --lr-base-size 128".split()])
+    assert args.lr == pytest.approx(0.36)
+    args = parse_args([*"--batch-size 512 --lr-base 1e-3 --opt adamw".split()])
+    assert args.lr == pytest.approx(1e-3 * 2**0.5)
+    args = parse_args([*"--batch-size 512 --lr-base 1e-3 --opt adamw --lr-base-scale linear".split()])
+    assert args.lr == pytest.approx(2e-3)
+    assert parse_args(["--batch-size", "64"]).lr == 0.2  # no --lr-base: --lr as given
+    with pytest.raises(SystemExit):
+        parse_args(["--lr", "0.1", "--lr-base", "0.1"])
+
+
+def test_help_lists_the_scale_out_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        parse_args(["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--compile [BACKEND]", "--lr-base LR", "--lr-base-size N", "--streaming", "--sync-bn"):
+        assert option in text
+    assert "rising every optimizer step" in text
+
+
+def test_plain_state_dict_drops_wrapper_prefixes() -> None:
+    """Weights saved through torch.compile(DDP(model)) by earlier versions load into the timm model."""
+    plain_state_dict = recipe_rundir.plain_state_dict
+    assert plain_state_dict({"_orig_mod.module.a.w": 1, "_orig_mod.module.b": 2}) == {"a.w": 1, "b": 2}
+    assert plain_state_dict({"module.a": 1}) == {"a": 1}
+    assert plain_state_dict({"module.a": 1, "b": 2}) == {"module.a": 1, "b": 2}  # not a wrapper's prefix
 
 
 def test_svb_every_parsing() -> None:
@@ -147,15 +213,23 @@ def test_config_rejects_unknown_keys(tmp_path: Path) -> None:
 
 
 def test_digits_dataset_is_fixed() -> None:
+    """The split and the images, against scikit-learn's digits and the documented recipe written out."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
     dsd = digits_dataset()
     assert (len(dsd["train"]), len(dsd["test"])) == (1437, 360)
-    image = dsd["test"][0]["image"]
-    assert image.size == (32, 32) and image.mode == "RGB"
     assert dsd["train"].features["label"].names == [str(i) for i in range(10)]
-    digits_dataset.cache_clear()
-    again = digits_dataset()
-    assert dsd["test"]["label"] == again["test"]["label"]
-    assert np.array_equal(np.asarray(again["test"][5]["image"]), np.asarray(dsd["test"][5]["image"]))
+    digits = load_digits()
+    order = np.random.RandomState(0).permutation(1797)  # the first 360 are the test set
+    assert dsd["test"]["label"] == digits.target[order[:360]].tolist()
+    assert dsd["train"]["label"] == digits.target[order[360:]].tolist()
+    for split, position, index in (("test", 5, order[5]), ("train", 1000, order[1360])):
+        pixels = np.clip(np.round(digits.images[index] * 255 / 16), 0, 255).astype(np.uint8)
+        expected = Image.fromarray(pixels, mode="L").resize((32, 32), Image.BILINEAR).convert("RGB")
+        image = dsd[split][position]["image"]
+        assert image.size == (32, 32) and image.mode == "RGB"
+        assert np.array_equal(np.asarray(image), np.asarray(expected))
 
 
 def test_unreachable_hub_dataset_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,6 +263,77 @@ def test_malformed_datasets_are_explained(tmp_path: Path) -> None:
         load_image_dataset("x", tmp_path / "only_train")
     with pytest.raises(DataError, match="does not exist"):
         load_image_dataset("x", tmp_path / "missing")
+
+
+def _parquet_repo(root: Path, splits: dict[str, int], broken: str | None = None) -> Path:
+    """A local copy of a Hub dataset repository: ``data/SPLIT-00000-of-00001.parquet`` (labels -1 for
+    splits of size < 0: unlabelled), and a corrupt file for split ``broken``."""
+    (root / "data").mkdir(parents=True)
+    dsd = recipe_data.make_synthetic_dataset(None, num_train=8, num_test=4)
+    for split, size in splits.items():
+        ds = dsd["train"].select(range(abs(size)))
+        if size < 0:
+            ds = ds.map(lambda row: {"label": -1})
+        ds.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    if broken:
+        (root / "data" / f"{broken}-00000-of-00001.parquet").write_bytes(b"not parquet")
+    return root
+
+
+def test_only_the_splits_used_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ImageNet's layout: train, an unlabelled test split and validation. The test split is only peeked at
+    (its first rows, streamed) and found unlabelled; a split nobody uses is never read."""
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    repo = _parquet_repo(tmp_path / "repo", {"train": 8, "test": -4, "validation": 4}, broken="extra")
+    with pytest.raises(DataError, match="extra"):  # the broken split is there, and unreadable
+        load_image_dataset("x", repo, val_split="extra")
+    data = load_image_dataset("x", repo)
+    assert (data.test_split, len(data.test), len(data.train), data.num_train) == ("validation", 4, 8, 8)
+    prepared = {p.stem.rsplit("-", 1)[-1] for p in (tmp_path / "cache").rglob("*.arrow")}
+    assert prepared <= {"train", "validation"}, prepared  # the unlabelled test split was not prepared
+    streamed = load_image_dataset("x", repo, streaming=True)
+    assert streamed.streamed and streamed.num_train == 8 and not hasattr(streamed.train, "__len__")
+    assert streamed.describe()["num_train_images"] == 8
+
+
+@pytest.mark.parametrize("num_shards", [4, 3])
+def test_streamed_split_is_shared_out_over_two_ranks(tmp_path: Path, num_shards: int) -> None:
+    """In every epoch each rank's share of the stream (whole shards when they divide the ranks, else every
+    other example) is disjoint from the other's and together they cover the split; epochs reshuffle."""
+    split = recipe_data.make_synthetic_dataset(None, num_train=32)["train"]
+    stream = split.to_iterable_dataset(num_shards=num_shards)
+    fingerprint = lambda x: hashlib.sha1(x.numpy().tobytes()).hexdigest()  # noqa: E731
+    to_tensor = recipe_data.build_transforms(timm.create_model("convnet20").pretrained_cfg, False)
+    everything = {fingerprint(to_tensor(row["image"])) for row in split}
+    seen = {}  # (rank, epoch): the images in the order read
+    for rank in (0, 1):
+        images = recipe_data.StreamingImages(
+            stream, "image", "label", to_tensor, rank=rank, world_size=2, seed=3, buffer_size=8
+        )
+        loader = recipe_data.FixedLengthLoader(torch.utils.data.DataLoader(images, batch_size=4), 4)
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            assert len(batches) == len(loader) == 4
+            seen[rank, epoch] = [fingerprint(x) for xs, _ in batches for x in xs]
+    for epoch in range(2):
+        mine, theirs = set(seen[0, epoch]), set(seen[1, epoch])
+        assert len(mine) == len(theirs) == 16 and not mine & theirs and mine | theirs == everything
+    assert seen[0, 0] != seen[0, 1]
+
+
+def test_short_stream_is_read_again_not_waited_for() -> None:
+    """A rank whose shards hold fewer examples than the others still takes every step of the epoch."""
+    split = recipe_data.make_synthetic_dataset(None, num_train=6)["train"]
+    images = recipe_data.StreamingImages(
+        split.to_iterable_dataset(num_shards=2), "image", "label", lambda im: torch.zeros(1), rank=0
+    )
+    loader = recipe_data.FixedLengthLoader(
+        torch.utils.data.DataLoader(images, batch_size=4, drop_last=True), 3
+    )
+    assert len(list(loader)) == 3  # 6 examples give 1 batch of 4 a pass: the stream was read 3 times
 
 
 def test_imagefolder_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -279,12 +424,20 @@ def test_resume_gives_the_same_weights(tmp_path: Path, cifar_like: Path) -> None
     first = run_recipe([*common, "--output", str(tmp_path / "b"), "--stop-after", "1"])
     assert not first.finished and not (tmp_path / "b" / "model_final.safetensors").exists()
     assert json.loads((tmp_path / "b" / "run.json").read_text())["status"] == "stopped"
+    # the weights, data order and random state come from the checkpoint: another seed is refused, as is
+    # switching SVB off (its schedule is in the checkpoint)
+    with pytest.raises(SystemExit, match="--seed"):
+        run_recipe([*common, "--output", str(tmp_path / "b"), "--resume", "--seed", "8"])
+    with pytest.raises(SystemExit, match="SVB off"):
+        run_recipe([*common, "--output", str(tmp_path / "b"), "--resume", "--no-svb"])
     # a save killed half-way leaves a temporary folder, never a checkpoint: resuming ignores it
     junk = tmp_path / "b" / "checkpoints" / ".tmp-epoch_0002"
     junk.mkdir()
     (junk / "model.safetensors").write_bytes(b"half a file")
     resumed = run_recipe([*common, "--output", str(tmp_path / "b"), "--resume"])
     assert not junk.exists()
+    # only the remaining epoch trained (retraining from scratch would end with the same weights)
+    assert resumed.start_epoch == 1 and resumed.run["resumes"][0]["after_epoch"] == 1
     assert resumed.finished and straight.svb.num_applied == resumed.svb.num_applied == 1  # after step 3
     a = load_weights(tmp_path / "a" / "model_final.safetensors")
     b = load_weights(tmp_path / "b" / "model_final.safetensors")
@@ -352,3 +505,92 @@ def test_fine_tune_from_initial_checkpoint(tmp_path: Path, cifar_like: Path) -> 
     # lr 0: the convolutions are the checkpoint's (BN statistics moved on); the new classifier has 6 outputs
     assert torch.equal(before["stem.conv.weight"], after["stem.conv.weight"].contiguous())
     assert after["fc.weight"].shape[0] == 6
+
+
+@contextlib.contextmanager
+def optimizer_steps() -> Iterator[list[dict]]:
+    """The settings (lr, weight_decay, ...) of every optimizer step taken inside the block."""
+    seen: list[dict] = []
+    handle = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: seen.append({k: v for k, v in opt.param_groups[0].items() if k != "params"})
+    )
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def test_warmup_rises_every_step(tmp_path: Path, cifar_like: Path) -> None:
+    args = (
+        "--epochs 2 --batch-size 4 --lr 0.1 --warmup-epochs 1 --warmup-lr 0.01 --no-svb --checkpoint-hist 0"
+    )
+    with optimizer_steps() as steps:
+        run_recipe([*args.split(), "--data-dir", str(cifar_like), "--output", str(tmp_path / "run")])
+    seen = [step["lr"] for step in steps]
+    # 16 images, batch 4: 4 steps an epoch; step s of the warm-up epoch: 0.01 + (0.1 - 0.01) * s / 4
+    warmup = [0.01 + 0.09 * s / 4 for s in range(4)]
+    after = float(np.logspace(np.log10(0.1), np.log10(0.001), 80)[1 * 80 // 2])  # epoch 1 of 2, exp
+    assert seen == pytest.approx(warmup + [after] * 4, rel=1e-12)
+
+
+def test_resume_with_more_epochs_follows_the_command_line(
+    tmp_path: Path, cifar_like: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--resume --epochs 4 on a 2-epoch run: the LR schedule and SVB's final-epoch rule both use 4."""
+    args = "--model convnet20_svb --batch-size 8 --lr 0.05 --svb-every 1ep --svb-skip-last 0"
+    common = [*args.split(), "--data-dir", str(cifar_like), "--output", str(tmp_path / "run")]
+    first = run_recipe([*common, "--epochs", "2", "--stop-after", "1", "--weight-decay", "0"])
+    # 2 steps an epoch, bounding after every 3rd step: step 3 opens epoch 2, the final one of 2 epochs
+    assert first.svb_steps == []
+    with caplog.at_level(logging.INFO, logger="recipes.train"), optimizer_steps() as steps:
+        resumed = run_recipe(
+            [*common, "--epochs", "4", "--stop-after", "1", "--weight-decay", "1e-3", "--resume"]
+        )
+    assert resumed.start_epoch == 1 and not resumed.finished
+    stages = np.logspace(np.log10(0.05), np.log10(0.001), 80)
+    assert [s["lr"] for s in steps] == pytest.approx([stages[1 * 80 // 4]] * 2, rel=1e-12)  # of 4, not of 2
+    assert [s["weight_decay"] for s in steps] == [1e-3, 1e-3]  # not the checkpoint's 0
+    assert resumed.svb_steps == [3, 6] and resumed.svb.num_applied == 1  # after step 3: not final of 4
+    assert resumed.state.history[-1]["svb_applied"] == 1
+    text = caplog.text
+    assert "epochs 2 -> 4" in text and "weight_decay 0.0 -> 0.001" in text
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["epochs"] == 4 and run["recipe"]["epochs"] == 4
+    assert run["resumes"] == [
+        {
+            "after_epoch": 1,
+            "checkpoint": "epoch_0001",
+            "changed": {"epochs": [2, 4], "weight_decay": [0.0, 0.001]},
+        }
+    ]
+    assert [r["lr"] for r in read_summary(tmp_path / "run")] == [f"{0.05:.6g}", f"{stages[20]:.6g}"]
+
+
+def test_compiled_run_saves_timm_weights_publishes_and_resumes(tmp_path: Path, cifar_like: Path) -> None:
+    """--compile (aot_eager: the same wrappers as inductor, compiled in seconds on a CPU) writes plain timm
+    state dicts that hub/publish.py takes; the run resumes without compiling."""
+    sys.path.insert(0, str(REPO))
+    from hub import publish
+
+    out = tmp_path / "run"
+    tiny = "--model convnet20_svb --model-kwargs depth_x=1 --batch-size 8 --lr 0.05"
+    common = [*tiny.split(), "--data-dir", str(cifar_like), "--output", str(out)]
+    compiled = run_recipe([*common, "--epochs", "1", "--compile", "aot_eager"])
+    run = json.loads((out / "run.json").read_text())
+    keys = set(timm.create_model(run["model"], **run["model_kwargs"]).state_dict())
+    for name in (
+        "model_best.safetensors",
+        "model_final.safetensors",
+        "checkpoints/epoch_0001/model.safetensors",
+    ):
+        assert set(load_weights(out / name)) == keys  # no `_orig_mod.` prefix
+    model = timm.create_model(run["model"], **run["model_kwargs"])
+    model.load_state_dict(load_weights(out / "model_final.safetensors"), strict=True)
+    assert (
+        publish.main([str(out), "--repo-id", "timm-svb/convnet20_svb.test", "--dry-run", str(tmp_path / "p")])
+        == 0
+    )
+    assert (tmp_path / "p" / "model.safetensors").is_file()
+    resumed = run_recipe([*common, "--epochs", "2", "--resume"])
+    assert resumed.start_epoch == 1 and resumed.finished
+    assert not torch.equal(resumed.model.fc.weight, compiled.model.fc.weight)  # it trained on from there

@@ -1,0 +1,164 @@
+"""Images/s of ``recipes/train.py`` itself, with and without SVB, next to the bare training step it runs.
+
+    python benchmarks/recipe_throughput.py                        # a GPU: WRN-28-10, bf16, channels_last
+    python benchmarks/recipe_throughput.py --device cpu --small   # smoke test on a CPU (figures mean nothing)
+
+On generated 32x32 images saved to disk (``datasets`` ``save_to_disk``, as a local copy of CIFAR would be), in
+one process, it measures and prints as it goes:
+
+1. ``bare step``: forward, cross-entropy, backward and SGD step of the same model, memory format and autocast
+   on one fixed batch already on the device: the ceiling of any training loop;
+2. ``recipe, no SVB``: ``recipes/train.py --no-svb`` (loaders with workers and augmentation, Accelerate, the
+   per-step schedule, the test pass excluded), the images/s of its second epoch (the first warms up);
+3. ``recipe, SVB + BBN``: the same with SVB + BBN once per epoch (``--svb-every 1ep``, after the epoch's last
+   step), so the second epoch pays one bounding.
+
+Each recipe row ends with its ratio to the bare step. ``benchmarks/gpu_check.sh`` runs this script last.
+Arguments it does not know (those meant for ``gpu_check.py``) are ignored with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+
+import train  # noqa: E402
+from data import make_synthetic_dataset  # noqa: E402
+
+import timm_svb  # noqa: E402, F401  (registers the zoo)
+
+SMALL = {"model": "convnet20", "batch_size": 16, "steps": 4, "model_kwargs": ["depth_x=1"]}
+
+
+def bare_images_per_s(args: argparse.Namespace, device: torch.device) -> float:
+    """Images/s of forward + backward + SGD step on one batch already on ``device``."""
+    kwargs = dict(kv.split("=", 1) for kv in args.model_kwargs)
+    model = timm.create_model(args.model, num_classes=10, **{k: int(v) for k, v in kwargs.items()})
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model = torch.compile(model, backend=args.compile)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    x = torch.randn(args.batch_size, 3, 32, 32, device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch_size,), device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(max(3, args.steps // 10)):  # warm-up: cudnn autotuning, compilation
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return args.steps * args.batch_size / (time.perf_counter() - start)
+
+
+def recipe_run(args: argparse.Namespace, data: Path, out: Path, svb: bool) -> tuple[float, int]:
+    """Images/s of the recipe's second epoch, and how many times SVB bounded in it."""
+    argv = [
+        *("--model", args.model, "--data-dir", str(data), "--output", str(out), "--epochs", "2"),
+        *("--batch-size", str(args.batch_size), "--lr", "0.01", "--checkpoint-hist", "0"),
+        *("--spectrum-every", "0", "--no-progress", "--log-with", "none", "--seed", "0"),
+        *("--channels-last" if args.channels_last else "--no-channels-last",),
+    ]
+    if args.model_kwargs:
+        argv += ["--model-kwargs", *args.model_kwargs]
+    if args.device == "cpu":
+        argv += ["--cpu", "--workers", "0"]
+    elif args.workers is not None:
+        argv += ["--workers", str(args.workers)]
+    if args.mixed_precision:
+        argv += ["--mixed-precision", args.mixed_precision]
+    if args.compile:
+        argv += ["--compile", args.compile]
+    if svb:  # bound after each epoch's last step: the measured epoch pays one SVB + BBN
+        argv += [
+            *("--svb-epsilon", "0.5", "--bbn-epsilon", "1", "--svb-every", "1ep"),
+            *("--svb-skip-last", "0", "--no-svb-skip-final-epoch"),
+        ]
+    else:
+        argv += ["--no-svb"]
+    result = train.run_in_process(argv)
+    row = result.state.history[-1]
+    return row["images_per_s"], row.get("svb_applied") or 0
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where to train")
+    parser.add_argument("--small", action="store_true", help="a tiny model and epoch: the CPU smoke test")
+    parser.add_argument("--model", default="wrn28_10", help="timm model (SVB gets --svb-epsilon 0.5)")
+    parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=INT", help="model arguments")
+    parser.add_argument("--batch-size", type=int, default=128, help="batch size")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per epoch (and timed steps)")
+    parser.add_argument("--mixed-precision", default="bf16", choices=("bf16", "fp16", "no"), help="autocast")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="NCHW")
+    parser.add_argument("--compile", default=None, metavar="BACKEND", help="torch.compile backend")
+    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: the recipe's)")
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        print(f"(ignoring arguments meant for gpu_check.py: {' '.join(unknown)})")
+    if args.small:
+        vars(args).update(SMALL)
+    if args.mixed_precision == "no" or (args.device == "cpu" and args.mixed_precision == "fp16"):
+        args.mixed_precision = None
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: pass --device cpu (and --small for the smoke test)")
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
+
+    print(
+        f"== recipe throughput: {args.model} {' '.join(args.model_kwargs)}, batch {args.batch_size}, 32x32, "
+        f"{args.mixed_precision or 'float32'}, {'channels_last' if args.channels_last else 'NCHW'}, "
+        f"{args.steps} steps an epoch, {name}, torch {torch.__version__}",
+        flush=True,
+    )
+    print(f"{'':26s}{'images/s':>10s}{'ratio':>8s}", flush=True)
+    results: dict[str, float] = {}
+    results["bare"] = bare_images_per_s(args, device)
+    print(f"{'bare step':26s}{results['bare']:10.0f}{1.0:8.3f}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        start = time.perf_counter()
+        make_synthetic_dataset(
+            data, num_train=args.steps * args.batch_size, num_test=args.batch_size, num_classes=10
+        )
+        print(f"(generated {args.steps * args.batch_size} images in {time.perf_counter() - start:.1f} s)")
+        for key, label, svb in (
+            ("recipe", "recipe, no SVB", False),
+            ("recipe_svb", "recipe, SVB + BBN", True),
+        ):
+            results[key], applied = recipe_run(args, data, Path(tmp) / key, svb)
+            results[f"{key}_ratio"] = results[key] / results["bare"]
+            note = f"  (SVB x{applied} in the epoch)" if svb else ""
+            print(f"{label:26s}{results[key]:10.0f}{results[f'{key}_ratio']:8.3f}{note}", flush=True)
+            if svb:
+                results["svb_applied"] = applied
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""benchmarks/recipe_throughput.py in its CPU smoke mode, in this process (what gpu_check.sh runs last)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+from recipe_helpers import REPO, one_thread  # noqa: F401  (autouse fixture)
+
+
+def test_smoke_mode_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "recipe_throughput", REPO / "benchmarks" / "recipe_throughput.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--device", "cpu", "--small", "--gpu-check-option"])
+    out = capsys.readouterr().out
+    for row in (
+        "bare step",
+        "recipe, no SVB",
+        "recipe, SVB + BBN",
+        "ignoring arguments meant for gpu_check.py",
+    ):
+        assert row in out
+    for key in ("bare", "recipe", "recipe_svb"):
+        assert result[key] > 0 and math.isfinite(result[key])
+    assert result["recipe_ratio"] == pytest.approx(result["recipe"] / result["bare"])
+    assert result["svb_applied"] == 1  # the measured epoch of the SVB run paid one bounding
