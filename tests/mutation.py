@@ -1,0 +1,234 @@
+"""Mutation check: does the suite catch the bugs its tests are named after?
+
+Run from the repository root (not part of CI: each mutant runs its tests, minutes in all)::
+
+    python tests/mutation.py            # every mutant
+    python tests/mutation.py --list     # names and what each breaks
+    python tests/mutation.py NAME ...   # some of them
+
+For each mutant, the checkout (tracked files and untracked ones git does not ignore) is copied into a
+temporary folder and one deliberate bug is put in, in one of two ways:
+
+- ``patch``: Python run at the start of every interpreter of the test run (a ``sitecustomize`` module on
+  ``PYTHONPATH``), so that subprocesses (``torchrun`` workers, recipe runs) see the bug too. It replaces a
+  named function or constant, so it survives refactoring as long as the name stays.
+- ``edit``: a text replacement in a source file that must match exactly once; if the text has gone, the
+  mutant is reported STALE and must be re-made on the new code.
+
+Then the mutant's tests run (``pytest -x``, one thread). KILLED: they failed, as they must. SURVIVED: they
+passed with the bug in, a gap in the suite. First, a control run of the same tests without any bug must pass
+(a test failing anyway would count as a kill). The exit status is 1 when any mutant survived or is stale, 2
+when the control failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One deliberate bug and the tests that must catch it."""
+
+    name: str
+    breaks: str  # what goes wrong for a user
+    tests: tuple[str, ...]  # pytest arguments (node ids, files, -k expressions)
+    patch: str = ""  # Python run at interpreter start-up (sitecustomize)
+    edits: tuple[tuple[str, str, str], ...] = field(default=())  # (file, old text, new text)
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    Mutant(
+        name="resume-does-not-load",
+        breaks="--resume silently retrains from epoch 0 (accelerator.load_state does nothing)",
+        tests=("tests/test_recipe.py::test_resume_gives_the_same_weights",),
+        patch="""
+            import accelerate
+            accelerate.Accelerator.load_state = lambda self, *args, **kwargs: None
+        """,
+    ),
+    Mutant(
+        name="sha256-unchecked-for-the-default-tag",
+        breaks="create_model('convnet20_svb', pretrained=True) (default tag) loads a tampered file unchecked",
+        tests=("tests/test_hub.py::test_pretrained_from_record_on_every_path_with_tamper_checks",),
+        patch="""
+            import safetensors.torch
+            import timm
+            from timm_svb.models import _helpers
+            checked = _helpers.SafetensorsPretrainedMixin.load_pretrained
+            def load_pretrained(self, checkpoint_path):
+                arch = self.pretrained_cfg.get("architecture")
+                if self.pretrained_cfg.get("tag") != timm.models.get_pretrained_cfg(arch).tag:
+                    return checked(self, checkpoint_path)
+                cfg = {**self.pretrained_cfg, "state_dict": safetensors.torch.load_file(checkpoint_path)}
+                timm.models.load_pretrained(self, {**cfg, "source": None}, self.num_classes, self.in_chans)
+            _helpers.SafetensorsPretrainedMixin.load_pretrained = load_pretrained
+        """,
+    ),
+    Mutant(
+        name="sha256-never-checked",
+        breaks="no recorded file is ever checked against its sha256, on any loading path",
+        tests=("tests/test_hub.py::test_pretrained_from_record_on_every_path_with_tamper_checks",),
+        patch="""
+            import timm_svb.models._pretrained as p
+            p.recorded_name = lambda repo_id, commit: None
+        """,
+    ),
+    Mutant(
+        name="grad-checkpointing-stays-off",
+        breaks="model.set_grad_checkpointing() silently leaves activation checkpointing off",
+        tests=("tests/test_models.py::test_grad_checkpointing",),
+        patch="""
+            import timm_svb.models as zoo
+            from timm_svb.models import convnet, inception_resnet_v2_preact, preact_resnet
+            for module in (convnet, inception_resnet_v2_preact, preact_resnet):
+                for obj in vars(module).values():
+                    if isinstance(obj, type) and "set_grad_checkpointing" in vars(obj):
+                        def off(self, enable=True):
+                            self.grad_checkpointing = False
+                        obj.set_grad_checkpointing = off
+        """,
+    ),
+    Mutant(
+        name="same-seed-on-every-rank",
+        breaks="every rank draws the same crops and flips for its share of the data",
+        tests=("tests/test_recipe_dist.py",),
+        patch="""
+            import accelerate.utils
+            real = accelerate.utils.set_seed
+            def same_everywhere(seed, device_specific=False, deterministic=False):
+                return real(seed, device_specific=False, deterministic=deterministic)
+            accelerate.utils.set_seed = same_everywhere
+        """,
+    ),
+    Mutant(
+        name="record-written-without-lock",
+        breaks="two publishers writing the record at once lose entries",
+        tests=("tests/test_hub.py::test_concurrent_record_writes_keep_every_entry",),
+        patch="""
+            import contextlib
+            import filelock
+            class NoLock(contextlib.nullcontext):
+                def __init__(self, *args, **kwargs):
+                    super().__init__()
+            filelock.FileLock = NoLock
+        """,
+    ),
+)
+
+
+def copy_checkout(dest: Path) -> None:
+    """Copy the files git knows of (tracked, and untracked but not ignored) into ``dest``."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, listed):
+        source = ROOT / name.decode()
+        if source.is_file():
+            target = dest / name.decode()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def apply(mutant: Mutant, tree: Path) -> str | None:
+    """Put the mutant into ``tree``; returns why it is stale, or None."""
+    for path, old, new in mutant.edits:
+        file = tree / path
+        text = file.read_text(encoding="utf-8")
+        if text.count(old) != 1:
+            return f"{path}: the text to replace occurs {text.count(old)} times, not once: {old.strip()!r}"
+        file.write_text(text.replace(old, new), encoding="utf-8")
+    if mutant.patch:
+        body = textwrap.indent(textwrap.dedent(mutant.patch).strip(), "    ")
+        (tree / "_mutant").mkdir()
+        (tree / "_mutant" / "sitecustomize.py").write_text(
+            f"# mutant {mutant.name}: {mutant.breaks}\ntry:\n{body}\nexcept ImportError:\n    pass\n",
+            encoding="utf-8",
+        )
+    return None
+
+
+def run(mutant: Mutant, timeout: float) -> tuple[str, float, str]:
+    """(verdict, seconds, last lines of pytest's output) for one mutant (no bug put in for the control)."""
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as tmp:
+        tree = Path(tmp)
+        copy_checkout(tree)
+        stale = apply(mutant, tree)
+        if stale:
+            return "STALE", 0.0, stale
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(tree / "_mutant")] * bool(mutant.patch) + [str(tree), env.get("PYTHONPATH", "")]
+        ).rstrip(os.pathsep)
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests]
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "TIMEOUT", time.perf_counter() - start, f"the tests ran past {timeout:.0f} s"
+        seconds = time.perf_counter() - start
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])
+        if done.returncode == 0:
+            return "SURVIVED", seconds, tail
+        if done.returncode in (1,):
+            return "KILLED", seconds, tail
+        return f"ERROR (pytest exit {done.returncode})", seconds, tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per mutant's tests")
+    parser.add_argument(
+        "--no-control", action="store_true", help="skip the first run of the chosen tests without any bug"
+    )
+    args = parser.parse_args(argv)
+    by_name = {m.name: m for m in MUTANTS}
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name}: {m.breaks}\n    tests: {' '.join(m.tests)}")
+        return 0
+    unknown = [n for n in args.names if n not in by_name]
+    if unknown:
+        parser.error(f"unknown mutant(s) {unknown}; --list shows them")
+    chosen = [by_name[n] for n in args.names] if args.names else list(MUTANTS)
+    if not args.no_control:
+        # a test that fails without the bug would count its mutant as killed: run them all clean first
+        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        verdict, seconds, tail = run(Mutant("control", "nothing", tests), args.timeout)
+        print(
+            f"control: the chosen tests without any bug {'pass' if verdict == 'SURVIVED' else 'FAIL'}"
+            f" ({seconds:.0f} s)",
+            flush=True,
+        )
+        if verdict != "SURVIVED":
+            print(textwrap.indent(tail, "    "))
+            return 2
+    failed = 0
+    for mutant in chosen:
+        verdict, seconds, tail = run(mutant, args.timeout)
+        failed += verdict != "KILLED"
+        print(f"{verdict:9} {mutant.name} ({seconds:.0f} s): {mutant.breaks}", flush=True)
+        if verdict != "KILLED":
+            print(textwrap.indent(tail, "    "), flush=True)
+    print(f"\n{len(chosen) - failed} of {len(chosen)} mutants killed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
