@@ -18,6 +18,15 @@ from timm_svb.functional import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Linear algebra on one thread: OpenMP threads busy-wait and slow the shared CI cores down."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def reference_bound(matrix: np.ndarray, epsilon: float) -> np.ndarray:
     """Algorithm 1 for one matrix, in float64: SVD, clip, rebuild."""
     u, s, vh = np.linalg.svd(matrix.astype(np.float64), full_matrices=False)
