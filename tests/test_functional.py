@@ -238,6 +238,27 @@ def test_orthogonal_init_is_seeded():
     assert torch.equal(a.weight, b.weight)
 
 
+@pytest.mark.parametrize("memory_format", ["channels_last", "transposed view"])
+def test_orthogonal_init_keeps_memory_format_and_layout(memory_format):
+    # 1x1 and depthwise convs are the channels_last layouts whose matrix view aliases the weight
+    convs = [nn.Conv2d(8, 16, 3, groups=2), nn.Conv2d(16, 32, 1), nn.Conv2d(12, 12, 3, groups=12)]
+    lin = nn.Linear(12, 20)
+    if memory_format == "channels_last":
+        convs = [conv.to(memory_format=torch.channels_last) for conv in convs]
+    else:  # a weight that is a transposed view of its storage
+        lin.weight = nn.Parameter(torch.randn(12, 20).T)
+    orthogonal_init_(nn.Sequential(*convs, lin), generator=torch.Generator().manual_seed(0))
+    if memory_format == "channels_last":
+        assert all(conv.weight.is_contiguous(memory_format=torch.channels_last) for conv in convs)
+    else:
+        assert lin.weight.stride() == (1, 20)
+    for layer in [*convs, lin]:
+        groups = getattr(layer, "groups", 1)
+        w = layer.weight.detach().double().numpy().reshape(groups, layer.weight.shape[0] // groups, -1)
+        for mat in w:
+            np.testing.assert_allclose(np.linalg.svd(mat, compute_uv=False), 1.0, atol=1e-5)
+
+
 def test_clip_ignores_tf32_and_autocast_settings():
     rng = np.random.default_rng(8)
     mat = with_spectrum(32, 96, 0.2, 4.0, rng).astype(np.float32)

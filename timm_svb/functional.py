@@ -79,7 +79,8 @@ def weight_matrices(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """View a conv or linear weight as ``groups`` matrices of shape ``(out/groups, in/groups * prod(k))``.
 
     A linear weight ``out x in`` is one matrix; a conv weight ``out x in/groups x k...`` (Conv1d/2d/3d) is
-    one per group, which is the same as the block-diagonal matrix of the whole layer.
+    one per group, which is the same as the block-diagonal matrix of the whole layer. A weight that is not
+    contiguous (channels_last, a transposed view) gives a copy.
     """
     if weight.dim() < 2:
         raise ValueError(f"expected a conv or linear weight with >= 2 dims, got shape {tuple(weight.shape)}")
@@ -300,15 +301,16 @@ def orthogonal_init_(module: nn.Module, generator: torch.Generator | None = None
 
     Every Conv1d/2d/3d and Linear weight gets all singular values 1 per group (a random semi-orthogonal
     ``(out/groups) x (in/groups * prod(k))`` matrix); every BatchNorm gets weight 1 and bias 0. Biases of
-    conv and linear layers are left as they are.
+    conv and linear layers are left as they are. Weights keep their dtype, device and memory format
+    (channels_last included).
     """
     for m in module.modules():
         if isinstance(m, _CONV_LINEAR):
             groups = getattr(m, "groups", 1)
-            mats = weight_matrices(m.weight, groups)
-            for g in range(groups):
-                mats[g].copy_(_random_semi_orthogonal(*mats.shape[1:], generator=generator))
-            m.weight.copy_(mats.reshape(m.weight.shape))
+            rows, cols = m.weight.shape[0] // groups, m.weight[0].numel()
+            new = torch.stack([_random_semi_orthogonal(rows, cols, generator) for _ in range(groups)])
+            # one copy from a fresh tensor: the weight may be a view whose reshape would alias it
+            m.weight.copy_(new.reshape(m.weight.shape))
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
