@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from timm_svb.functional import (
     band,
@@ -259,15 +260,123 @@ def test_orthogonal_init_keeps_memory_format_and_layout(memory_format):
             np.testing.assert_allclose(np.linalg.svd(mat, compute_uv=False), 1.0, atol=1e-5)
 
 
-def test_clip_ignores_tf32_and_autocast_settings():
+# ------------------------------------------------------------------ precision settings
+
+_PRECISION_KEYS = [
+    ("generic", "all"),
+    ("cuda", "all"),
+    ("cuda", "matmul"),
+    ("mkldnn", "all"),
+    ("mkldnn", "matmul"),
+]
+
+
+def _set_precision(backend: str, op: str, value: str) -> None:
+    torch._C._set_fp32_precision_setter(backend, op, value)
+
+
+def reset_precision() -> None:
+    """torch's defaults: legacy 'highest', every per-backend matmul setting inheriting ("none")."""
+    torch.set_float32_matmul_precision("highest")
+    for key in _PRECISION_KEYS:
+        _set_precision(*key, "none")
+
+
+PRECISION_SETTINGS = {
+    "nothing set": lambda: None,
+    "backends.fp32_precision=tf32": lambda: setattr(torch.backends, "fp32_precision", "tf32"),
+    "cuda.matmul.fp32_precision=tf32": lambda: setattr(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+    "mkldnn.matmul.fp32_precision=bf16": lambda: setattr(
+        torch.backends.mkldnn.matmul, "fp32_precision", "bf16"
+    ),
+    "legacy medium": lambda: torch.set_float32_matmul_precision("medium"),
+    "legacy allow_tf32": lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
+    "generic tf32, cuda.all ieee, mkldnn.matmul bf16": lambda: [
+        _set_precision("generic", "all", "tf32"),
+        _set_precision("cuda", "all", "ieee"),
+        _set_precision("mkldnn", "matmul", "bf16"),
+    ],
+}
+
+
+def precision_fingerprint() -> list[tuple]:
+    """What a user reads back, and how each setting follows its parents: destructive (probes the parents)."""
+
+    def read() -> tuple:
+        try:
+            legacy = torch.get_float32_matmul_precision()
+        except RuntimeError:  # torch refuses to answer for some mixes of the legacy and new APIs
+            legacy = "mixed"
+        return (legacy, *(torch._C._get_fp32_precision_getter(*key) for key in _PRECISION_KEYS))
+
+    seen = [read()]
+    for parent in [("generic", "all"), ("cuda", "all"), ("mkldnn", "all")]:
+        for value in ("ieee", "tf32"):
+            _set_precision(*parent, value)
+            seen.append(read())
+    return seen
+
+
+def precision_in_force() -> tuple:
+    return (
+        torch.backends.cuda.matmul.fp32_precision,
+        torch.backends.mkldnn.matmul.fp32_precision,
+        torch.get_float32_matmul_precision(),
+        torch.is_autocast_enabled("cpu"),
+        torch.is_autocast_enabled("cuda"),
+    )
+
+
+IEEE_FLOAT32 = ("ieee", "ieee", "highest", False, False)
+
+
+class PrecisionRecorder(TorchFunctionMode):
+    """Records the precision settings in force at every matmul, eigh and SVD the engine runs."""
+
+    OPS = {"matmul", "__matmul__", "mm", "bmm", "linalg_eigh", "linalg_svd", "linalg_svdvals"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.OPS:
+            self.seen.append(precision_in_force())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def clean_precision():
+    reset_precision()
+    yield
+    reset_precision()
+
+
+@pytest.mark.parametrize("setting", list(PRECISION_SETTINGS))
+def test_engine_math_is_ieee_float32_under_every_precision_setting(setting, clean_precision):
     rng = np.random.default_rng(8)
+    mats = np.stack([with_spectrum(32, 96, 0.2, 4.0, rng), with_spectrum(32, 96, 1e-4, 4.0, rng)])
+    mats = mats.astype(np.float32)
+    PRECISION_SETTINGS[setting]()
+    with PrecisionRecorder() as recorder:
+        result = clip_singular_values(torch.from_numpy(mats), 0.5)
+        spectrum = singular_values(torch.from_numpy(mats[1]))
+    assert recorder.seen and set(recorder.seen) == {IEEE_FLOAT32}
+    for got, mat in zip(result.matrices, mats, strict=True):
+        assert rel_err(got.double().numpy(), reference_bound(mat, 0.5)) <= 1e-4
+    np.testing.assert_allclose(spectrum[0].numpy(), np.linalg.svd(mats[1].astype(np.float64))[1], rtol=1e-6)
+    after = precision_fingerprint()
+    reset_precision()
+    PRECISION_SETTINGS[setting]()
+    assert after == precision_fingerprint()  # the user's settings, inheritance ("none") included
+
+
+def test_engine_math_ignores_autocast(clean_precision):
+    rng = np.random.default_rng(9)
     mat = with_spectrum(32, 96, 0.2, 4.0, rng).astype(np.float32)
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            result = clip_singular_values(torch.from_numpy(mat)[None], 0.5)
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    with torch.autocast("cpu", dtype=torch.bfloat16), PrecisionRecorder() as recorder:
+        result = clip_singular_values(torch.from_numpy(mat)[None], 0.5)
+        assert torch.is_autocast_enabled("cpu")
+    assert recorder.seen and set(recorder.seen) == {IEEE_FLOAT32}
     assert result.matrices.dtype == torch.float32
     assert rel_err(result.matrices[0].double().numpy(), reference_bound(mat, 0.5)) <= 1e-4

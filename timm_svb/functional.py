@@ -118,19 +118,58 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# (backend, op) pairs of torch's per-backend fp32 precision settings (torch >= 2.9) that reach float32
+# matmuls; torch.set_float32_matmul_precision (the legacy API) sets both.
+_MATMUL_PRECISION_KEYS = (("cuda", "matmul"), ("mkldnn", "matmul"))
+
+
+def _precision_api() -> tuple | None:
+    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+    setter = getattr(torch._C, "_set_fp32_precision_setter", None)
+    return None if getter is None or setter is None else (getter, setter)
+
+
+def _set_precision_value(backend: str, op: str) -> str:
+    """The value set for ``(backend, op)``: ``"none"`` where it inherits from its parent.
+
+    torch's getter answers with the inherited value, so the parent (``(backend, "all")``, then
+    ``("generic", "all")``) is changed for a moment to see whether the value follows it.
+    """
+    get, set_ = _precision_api()
+    value = get(backend, op)
+    if backend == "generic" or value == "none":
+        return value  # generic has no parent; "none" means nothing was resolved anywhere
+    parent = ("generic", "all") if op == "all" else (backend, "all")
+    saved = _set_precision_value(*parent)
+    set_(*parent, "ieee" if value != "ieee" else "tf32")
+    follows = get(backend, op) != value
+    set_(*parent, saved)
+    return "none" if follows else value
+
+
 @contextmanager
 def _full_precision() -> Iterator[None]:
-    """Plain float32 matmuls: no TF32 (``set_float32_matmul_precision``) and no autocast to 16 bits.
+    """IEEE float32 matmuls and no autocast to 16 bits, whatever the user set; restored exactly afterwards.
 
-    The Gram route squares singular values, so it needs every bit a training loop may have traded for speed.
+    The Gram route squares singular values, so it needs every bit a training loop may have traded for speed:
+    TF32 on CUDA, bf16 on oneDNN (``torch.backends.fp32_precision``,
+    ``torch.backends.cuda.matmul.fp32_precision``, ``torch.backends.mkldnn.matmul.fp32_precision``) or the
+    legacy ``torch.set_float32_matmul_precision`` / ``torch.backends.cuda.matmul.allow_tf32``.
     """
-    previous = torch.get_float32_matmul_precision()
+    api = _precision_api()
+    saved = {key: _set_precision_value(*key) for key in _MATMUL_PRECISION_KEYS} if api else {}
+    for key in saved:
+        api[1](*key, "ieee")
+    # readable now: with both matmul settings at "ieee" the legacy getter sees no mix of the two APIs
+    legacy = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
         with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
             yield
     finally:
-        torch.set_float32_matmul_precision(previous)
+        torch.set_float32_matmul_precision(legacy)
+        for key, value in saved.items():
+            api[1](*key, value)
 
 
 def _gram_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
