@@ -10,6 +10,7 @@ from torch.overrides import TorchFunctionMode
 
 from timm_svb.functional import (
     band,
+    bbn_alpha,
     bbn_gamma,
     bbn_ratio,
     clip_singular_values,
@@ -541,3 +542,28 @@ def test_half_precision_results_settle(dtype, shape):
     twice = clip_singular_values(stored, 0.5)
     assert twice.num_clipped.sum() == 0
     assert torch.equal(twice.matrices.to(dtype), stored)
+
+
+# ------------------------------------------------------------------ BBN edge cases
+
+
+@pytest.mark.parametrize(
+    "gamma",
+    [[0.0, 0.0, 0.0, 0.0], [0.5, -1.0, -2.0, 0.1], [-1e-3, 2e-3, -4e-3, 0.0]],
+    ids=["zero", "negative mean", "tiny negative mean"],
+)
+@pytest.mark.parametrize("mode", ["sigma", "rel"])
+def test_bbn_leaves_gammas_averaging_to_zero_or_below(gamma, mode):
+    gamma = torch.tensor(gamma)
+    var = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    assert not bbn_alpha(gamma, var, 1e-5, mode) > 0
+    got = bbn_gamma(gamma, var, 1e-5, 1.0, mode)
+    assert torch.equal(got, gamma)
+
+
+def test_bbn_alpha_against_the_formula():
+    gamma, var = [0.3, 1.2, 2.0], [0.5, 1.5, 4.0]
+    expected = sum(g / math.sqrt(v + 1e-5) for g, v in zip(gamma, var, strict=True)) / 3
+    got = bbn_alpha(torch.tensor(gamma, dtype=torch.float64), torch.tensor(var, dtype=torch.float64), 1e-5)
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+    assert bbn_alpha(torch.tensor(gamma), None, 1e-5, "rel").item() == pytest.approx(sum(gamma) / 3, rel=1e-6)

@@ -27,6 +27,7 @@ __all__ = [
     "BoundResult",
     "band",
     "band_slack",
+    "bbn_alpha",
     "bbn_gamma",
     "bbn_ratio",
     "check_epsilon",
@@ -364,6 +365,19 @@ def singular_values(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return s
 
 
+def bbn_alpha(
+    gamma: torch.Tensor, running_var: torch.Tensor | None, eps: float, mode: str = "sigma"
+) -> torch.Tensor:
+    """BBN's reference scale (a 0-dim tensor): ``alpha = mean(gamma / sigma)`` with
+    ``sigma = sqrt(running_var + eps)`` (``mode="sigma"``, Algorithm 2), or ``mean(gamma)`` (``mode="rel"``).
+
+    BBN is defined only for ``alpha > 0``: at ``alpha = 0`` (all-zero gammas, as timm's ``zero_init_last``
+    leaves the last BN of each residual block) the ratios are undefined, and below 0 they would flip the sign
+    of the whole layer. :func:`bbn_gamma` leaves such a layer unchanged.
+    """
+    return _bbn_terms(gamma, running_var, eps, mode)[2]
+
+
 def bbn_ratio(
     gamma: torch.Tensor, running_var: torch.Tensor | None, eps: float, mode: str = "sigma"
 ) -> torch.Tensor:
@@ -371,15 +385,16 @@ def bbn_ratio(
 
     ``mode="sigma"`` (Algorithm 2): ``gamma / (sigma * alpha)`` with ``sigma = sqrt(running_var + eps)``
     and ``alpha = mean(gamma / sigma)``. ``mode="rel"`` (the reference code's default):
-    ``gamma / mean(gamma)``.
+    ``gamma / mean(gamma)``. Meaningful only where :func:`bbn_alpha` is > 0.
     """
     return _bbn_terms(gamma, running_var, eps, mode)[1]
 
 
 def _bbn_terms(
     gamma: torch.Tensor, running_var: torch.Tensor | None, eps: float, mode: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, ratio)`` with ``gamma = scale * ratio``: ``scale = sigma * alpha`` (or ``mean(gamma)``)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(scale, ratio, alpha)`` with ``gamma = scale * ratio``: ``scale = sigma * alpha`` (or
+    ``mean(gamma)``)."""
     g = gamma.detach().to(_compute_dtype(gamma.dtype))
     if mode == "sigma":
         if running_var is None:
@@ -389,8 +404,9 @@ def _bbn_terms(
         sigma = torch.ones_like(g)
     else:
         raise ValueError(f"bbn_mode must be 'sigma' or 'rel', got {mode!r}")
-    scale = sigma * (g / sigma).mean()
-    return scale, g / scale
+    alpha = (g / sigma).mean()
+    scale = sigma * alpha
+    return scale, g / scale, alpha
 
 
 def bbn_gamma(
@@ -406,9 +422,12 @@ def bbn_gamma(
     (1 + bbn_epsilon)``; where it is below ``1 / (1 + bbn_epsilon)``, ``gamma = sigma * alpha /
     (1 + bbn_epsilon)`` (in "rel" mode ``sigma * alpha`` is ``mean(gamma)``). No absolute values are taken,
     as in the paper. Gammas in band are returned unchanged; beta and the running statistics are not inputs.
+    Where ``alpha <= 0`` (:func:`bbn_alpha`) the whole ``gamma`` is returned unchanged.
     """
     lo, hi = band(bbn_epsilon)
-    scale, ratio = _bbn_terms(gamma, running_var, eps, mode)
+    scale, ratio, alpha = _bbn_terms(gamma, running_var, eps, mode)
+    if not alpha > 0:
+        return gamma.detach().clone()
     bounded = torch.where(ratio > hi, scale * hi, torch.where(ratio < lo, scale * lo, scale.new_zeros(())))
     return torch.where((ratio > hi) | (ratio < lo), bounded.to(gamma.dtype), gamma.detach()).clone()
 
