@@ -1,5 +1,6 @@
 """The SVB plugin: apply, statistics, schedule, hooks under Accelerate and GradScaler, state, bad input."""
 
+import math
 import os
 import shutil
 import subprocess
@@ -9,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_functional import reference_bbn, reference_bound, rel_err
+from test_functional import reference_bbn, reference_bound, rel_err, with_spectrum
 from torch import nn
 
-from timm_svb import SVB, NonFiniteWeightError
+import timm_svb.svb
+from timm_svb import SVB, NonFiniteWeightError, SVBError
 
 PROMISED_SLACK = 2e-5  # README: float32 weights in band to within this relative slack after SVB
 
@@ -346,22 +348,220 @@ def test_from_model_reads_svb_config():
         SVB.from_model(small_net())
 
 
+# ------------------------------------------------------------------ routes seen from the plugin
+
+
+def linear_with(weight: np.ndarray) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(weight))
+    return layer
+
+
+def test_fallback_layers_are_bounded_written_and_reported():
+    """Layers on every route, each checked against a float64 numpy SVD: far beyond the float32 Gram's limit
+    (float64 SVD, float64 Gram), just above and just below it."""
+    rng = np.random.default_rng(20)
+    conds = {"svd": 1e6, "gram64": 1e3, "above": 10.5, "below": 9.5}
+    weights = {k: with_spectrum(24, 72, 0.1, 0.1 * c, rng).astype(np.float32) for k, c in conds.items()}
+    net = nn.Sequential(*(linear_with(w) for w in weights.values()))
+    stats = SVB(net, epsilon=0.5).apply(per_layer=True)
+    lo, hi = 1 / 1.5, 1.5
+    for i, (kind, before) in enumerate(weights.items()):
+        row = stats.per_layer[str(i)]
+        s_true = np.linalg.svd(before.astype(np.float64), compute_uv=False)
+        assert row.fallback == (kind != "below"), kind
+        assert row.clipped == int(((s_true < lo) | (s_true > hi)).sum()) > 0, kind
+        assert row.sv_min == pytest.approx(s_true.min(), rel=1e-4 if kind == "svd" else 5e-6), kind
+        assert row.sv_max == pytest.approx(s_true.max(), rel=5e-6), kind
+        got = net[i].weight.detach().double().numpy()
+        assert rel_err(got, reference_bound(before, 0.5)) <= (1e-6 if row.fallback else 5e-6), kind
+    assert stats.clipped == sum(row.clipped for row in stats.per_layer.values())
+
+
 @pytest.mark.slow
-def test_two_process_gloo_run_identical_weights(tmp_path):
-    """torchrun, 2 CPU processes: each bounds its share, then both ranks hold bitwise identical weights."""
+def test_wrn28_10_sized_layers_near_the_limits():
+    """640 x 5760 (WRN-28-10's widest conv) at condition numbers 29.5 (float64 Gram) and 2.4 (float32 Gram and
+    eigh, the route of weights bounded an epoch ago): within 5e-6 of the float64 reference, in band to within
+    5e-6, and a second apply re-clips nothing (condition number 9.9: tests/test_functional.py)."""
+    rng = np.random.default_rng(21)
+    weights = [
+        with_spectrum(640, 5760, *spectrum, rng).astype(np.float32) for spectrum in [(0.1, 2.95), (0.6, 1.44)]
+    ]
+    net = nn.Sequential(*(linear_with(w) for w in weights))
+    stats = SVB(net, epsilon=0.5).apply(per_layer=True)
+    assert [stats.per_layer[k].fallback for k in ("0", "1")] == [True, False]
+    assert stats.per_layer["0"].clipped > 0 and stats.per_layer["1"].clipped > 0
+    for layer, before in zip(net, weights, strict=True):
+        got = layer.weight.detach().double().numpy()
+        assert rel_err(got, reference_bound(before, 0.5)) <= 5e-6
+        s = np.linalg.svd(got, compute_uv=False)
+        assert s.min() >= (1 / 1.5) * (1 - 5e-6) and s.max() <= 1.5 * (1 + 5e-6)
+    snapshot = [layer.weight.detach().clone() for layer in net]
+    assert SVB(net, epsilon=0.5).apply().clipped == 0
+    assert all(torch.equal(layer.weight, w) for layer, w in zip(net, snapshot, strict=True))
+
+
+def test_zero_tiny_and_huge_weights():
+    rng = np.random.default_rng(22)
+    spectrum = with_spectrum(12, 36, 0.2, 3.0, rng)
+    net = nn.Sequential(
+        linear_with(np.zeros((12, 36), np.float32)),
+        linear_with((spectrum * 1e-24).astype(np.float32)),
+        linear_with((spectrum * 1e20).astype(np.float32)),
+    )
+    zero = net[0].weight.clone()
+    with pytest.warns(RuntimeWarning, match="left layer.*0 as they are"):
+        stats = SVB(net, epsilon=0.5).apply(per_layer=True)
+    assert stats.degenerate == ["0"] and stats.skipped == []
+    assert stats.per_layer["0"].degenerate and stats.per_layer["0"].clipped == 0
+    assert torch.equal(net[0].weight, zero)
+    assert stats.clipped == stats.per_layer["1"].clipped + stats.per_layer["2"].clipped
+    for i, magnitude in [(1, 1e-24), (2, 1e20)]:
+        before = (spectrum * magnitude).astype(np.float32)
+        s_true = np.linalg.svd(before.astype(np.float64), compute_uv=False)
+        assert stats.per_layer[str(i)].clipped == int(((s_true < 1 / 1.5) | (s_true > 1.5)).sum()) == 12
+        assert stats.per_layer[str(i)].sv_min == pytest.approx(s_true.min(), rel=1e-5)
+        got = net[i].weight.detach().double().numpy()
+        assert np.isfinite(got).all()
+        assert rel_err(got, reference_bound(before, 0.5)) <= 1e-5
+    assert stats.sv_min == 0.0 and stats.sv_max == pytest.approx(3.0e20, rel=1e-5)
+    # a second apply: the zero layer is still left alone, the others are in band
+    with pytest.warns(RuntimeWarning, match="as they are"):
+        assert SVB(net, epsilon=0.5).apply().clipped == 0
+
+
+def test_warn_mode_skips_only_the_nonfinite_layer_among_extreme_ones():
+    rng = np.random.default_rng(23)
+    spectrum = with_spectrum(12, 36, 0.2, 3.0, rng)
+    net = nn.Sequential(
+        linear_with((spectrum * 1e20).astype(np.float32)),
+        linear_with((spectrum * 1e-24).astype(np.float32)),
+        linear_with(spectrum.astype(np.float32)),
+    )
+    with torch.no_grad():
+        net[2].weight[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="NaN/Inf: 2"):
+        stats = SVB(net, epsilon=0.5, on_nonfinite="warn").apply()
+    assert stats.skipped == ["2"] and stats.layers == 2 and stats.clipped == 24
+    for layer in net[:2]:
+        s = np.linalg.svd(layer.weight.detach().double().numpy(), compute_uv=False)
+        assert s.min() >= (1 / 1.5) * (1 - PROMISED_SLACK) and s.max() <= 1.5 * (1 + PROMISED_SLACK)
+
+
+@pytest.mark.parametrize(
+    "gammas",
+    [[0.0] * 16, [1.0, -3.0] * 8],
+    ids=["all zero (timm zero_init_last)", "mixed signs, mean < 0"],
+)
+def test_bbn_leaves_layers_whose_gammas_average_to_zero_or_below(gammas):
+    net = small_net()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor(gammas))
+    before = net[1].weight.clone()
+    other = net[4].weight.clone()
+    with pytest.warns(RuntimeWarning, match="left layer.*'?1'?.*<= 0"):
+        stats = SVB(net, epsilon=0.5, bbn_epsilon=0.2).apply(per_layer=True)
+    assert torch.equal(net[1].weight, before)  # no NaN, no flipped signs
+    assert stats.degenerate == ["1"] and stats.bn_layers == 2
+    row = stats.per_layer["1"]
+    assert row.degenerate and row.clipped == 0 and math.isnan(row.sv_min) and math.isnan(row.sv_max)
+    assert stats.bn_clipped == stats.per_layer["4"].clipped > 0  # the other BN layer is bounded
+    assert not torch.equal(net[4].weight, other)
+
+
+def test_refused_at_construction():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False))
+    with pytest.raises(ValueError, match="'1'.*running statistics.*bbn_mode='rel'"):
+        SVB(net, bbn_epsilon=1.0)
+    SVB(net, bbn_epsilon=1.0, bbn_mode="rel").apply()  # the reference code's mode needs no statistics
+    SVB(net)  # without BBN the BN layer is not touched
+    with pytest.raises(ValueError, match="'0'.*lazy module.*forward pass"):
+        SVB(nn.Sequential(nn.LazyConv2d(8, 3), nn.ReLU()))
+    lazy = nn.Sequential(nn.LazyConv2d(8, 3), nn.ReLU())
+    lazy(torch.randn(1, 3, 8, 8))
+    assert [layer.name for layer in SVB(lazy).layers] == ["0"]
+    with pytest.raises(ValueError, match="'0'.*meta device"):
+        SVB(nn.Sequential(nn.Linear(4, 4, device="meta")))
+
+
+def test_one_process_failure_is_an_svb_error_and_writes_nothing(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("solver exploded")
+
+    net = small_net()
+    snapshot = {k: v.clone() for k, v in net.state_dict().items()}
+    monkeypatch.setattr(timm_svb.svb, "clip_singular_values", broken)
+    with pytest.raises(SVBError, match=r"failed in layer\(s\) '0'.*RuntimeError: solver exploded.*Nothing"):
+        SVB(net, bbn_epsilon=1.0).apply()
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, snapshot[k]), k
+
+
+# ------------------------------------------------------------------ memory formats
+
+
+def test_channels_last_and_non_contiguous_weights():
+    reference, net = small_net(), small_net()
+    net = net.to(memory_format=torch.channels_last)
+    net[10].weight = nn.Parameter(net[10].weight.detach().T.contiguous().T)  # a transposed layout
+    for model in (reference, net):
+        SVB(model, epsilon=0.5, bbn_epsilon=0.2).apply()
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert net[7].weight.is_contiguous(memory_format=torch.channels_last)
+    assert net[10].weight.stride() == (1, 10)
+    for (k, a), b in zip(net.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    timm_svb.orthogonal_init_(net)
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------ two processes
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """tests/dist_svb_worker.py under torchrun, 2 CPU processes (gloo); each rank's results."""
+    out = tmp_path_factory.mktemp("dist")
     worker = Path(__file__).with_name("dist_svb_worker.py")
     torchrun = shutil.which("torchrun")
     cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the worker's process group waits 600 s in a collective: a rank left waiting fails this timeout
     subprocess.run(
-        [*cmd, "--standalone", "--nproc_per_node=2", str(worker), str(tmp_path)],
-        check=True,
-        env=env,
-        timeout=300,
+        [*cmd, "--standalone", "--nproc_per_node=2", str(worker), str(out)], check=True, env=env, timeout=240
     )
-    rank0 = torch.load(tmp_path / "rank0.pt")
-    rank1 = torch.load(tmp_path / "rank1.pt")
-    assert rank0["owned"] and rank1["owned"] and not set(rank0["owned"]) & set(rank1["owned"])
+    return [torch.load(out / f"rank{rank}.pt") for rank in (0, 1)]
+
+
+def solved_by(rank_result: dict, net: nn.Module) -> set[str]:
+    """The layers whose matrices (or gammas) this rank handed to the solvers, matched by value."""
+    state = rank_result["before_last"]
+    names = set()
+    for name, module in net.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            groups = getattr(module, "groups", 1)
+            w = state[f"{name}.weight"]
+            mats = w.reshape(groups, w.shape[0] // groups, -1)
+            for batch in rank_result["solved"]["clip_singular_values"]:
+                if batch.shape[1:] == mats.shape[1:] and any(
+                    torch.equal(batch[i : i + groups], mats) for i in range(batch.shape[0] - groups + 1)
+                ):
+                    names.add(name)
+        elif isinstance(module, nn.BatchNorm2d):
+            if any(torch.equal(g, state[f"{name}.weight"]) for g in rank_result["solved"]["bbn_gamma"]):
+                names.add(name)
+    return names
+
+
+@pytest.mark.slow
+def test_two_process_ranks_share_the_work_and_end_identical(two_process_run):
+    rank0, rank1 = two_process_run
+    net = small_net()
+    owned = [solved_by(r, net) for r in (rank0, rank1)]
+    everything = {n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))}
+    assert owned[0] and owned[1] and not owned[0] & owned[1]
+    assert owned[0] | owned[1] == everything
     for k, v in rank0["state"].items():
         assert torch.equal(v, rank1["state"][k]), k
     assert rank0["num_applied"] == rank1["num_applied"] == 3
@@ -375,3 +575,12 @@ def test_two_process_gloo_run_identical_weights(tmp_path):
     for k, v in single.named_parameters():
         if k.endswith("weight") and v.dim() > 1:
             torch.testing.assert_close(v.detach(), rank0["state"][k], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_one_rank_failing_raises_on_every_rank(two_process_run):
+    """Rank 1's solver raises; both ranks raise the same SVBError (instead of rank 0 waiting 600 s)."""
+    messages = [result["failure"] for result in two_process_run]
+    assert messages[0] is not None and messages[0] == messages[1]
+    assert "on rank 1 in layer(s)" in messages[0] and "RuntimeError: injected solver failure" in messages[0]
+    assert "every rank raises" in messages[0]
