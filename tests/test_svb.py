@@ -516,6 +516,46 @@ def test_channels_last_and_non_contiguous_weights():
     assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
+# ------------------------------------------------------------------ step counting
+
+
+def test_fused_optimizer_with_grad_scaler_counts_real_steps():
+    """GradScaler calls step() on fused optimizers even when it skips (inf grads): only 4 of 6 are real."""
+    net = small_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, fused=True)
+    svb = SVB(net, every_n_steps=2)
+    calls = []
+    real_apply = svb.apply
+    svb.apply = lambda per_layer=False: calls.append(svb.step) or real_apply()
+    svb.attach(optimizer)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    for i in range(6):
+        optimizer.zero_grad()
+        scaler.scale(net(torch.randn(4, 3, 8, 8)).square().mean()).backward()
+        if i in (1, 4):
+            net[10].weight.grad[0, 0] = float("inf")
+        before = net[10].weight.clone()
+        scaler.step(optimizer)
+        scaler.update()
+        assert torch.equal(net[10].weight, before) == (i in (1, 4))  # the skipped steps changed nothing
+    assert svb.step == 4 and calls == [2, 4] and svb.num_applied == 2
+    assert svb.state_dict() == {"step": 4, "num_applied": 2}
+
+
+def test_attach_twice_is_refused():
+    net = small_net()
+    svb = SVB(net, every_n_steps=2)
+    first = torch.optim.SGD(net.parameters(), lr=0.01)
+    handle = svb.attach(first)
+    for optimizer in (first, torch.optim.SGD(net.parameters(), lr=0.01)):
+        with pytest.raises(RuntimeError, match="already attached.*handle.remove"):
+            svb.attach(optimizer)
+    handle.remove()
+    svb.attach(first)
+    train_steps(net, svb, first, 4)
+    assert svb.step == 4 and svb.num_applied == 2
+
+
 # ------------------------------------------------------------------ two processes
 
 

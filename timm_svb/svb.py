@@ -176,7 +176,9 @@ class SVB:
                         f"BatchNorm {layer.name!r} keeps no running statistics (track_running_stats=False), "
                         "which bbn_mode='sigma' (Algorithm 2) needs: use bbn_mode='rel' or exclude the layer"
                     )
-        self.step = 0  # real optimizer steps seen by the hook
+        self._steps = 0  # optimizer steps seen by the hook, less the skipped ones settled so far
+        self._skipped: torch.Tensor | None = None  # steps a fused optimizer skipped, not yet read back
+        self._handle: RemovableHandle | None = None
         self.num_applied = 0  # times the hook applied SVB
 
     @classmethod
@@ -191,6 +193,16 @@ class SVB:
         return cls(model, **{**config, **overrides})
 
     # ------------------------------------------------------------------ schedule
+
+    @property
+    def step(self) -> int:
+        """Real optimizer steps seen by the hook (steps a ``GradScaler`` skipped are not counted)."""
+        self._settle_skipped()
+        return self._steps
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._steps, self._skipped = int(value), None
 
     def should_apply(self, step: int) -> bool:
         """Whether the schedule bounds after real optimizer step number ``step`` (1-based)."""
@@ -208,10 +220,17 @@ class SVB:
         """Bound after every ``every_n_steps`` real steps of ``optimizer``; returns a removable handle.
 
         The hook sits on the innermost torch optimizer, so an Accelerate ``AcceleratedOptimizer`` step that
-        only accumulates gradients, or a ``GradScaler`` step skipped for inf/NaN gradients, is not counted.
+        only accumulates gradients, or a ``GradScaler`` step skipped for inf/NaN gradients, is not counted
+        (also with ``fused=True`` optimizers, whose skipped steps still run ``step()``). One SVB counts one
+        optimizer: attaching it again while attached raises (``handle.remove()`` first).
         """
         if self.every_n_steps is None:
             raise ValueError("attach() needs every_n_steps (or steps_per_epoch for once an epoch)")
+        if self._handle is not None and self._handle.id in (self._handle.hooks_dict_ref() or {}):
+            raise RuntimeError(
+                "this SVB is already attached to an optimizer, and would count every step twice: remove "
+                "the first hook (handle.remove()) or build one SVB per optimizer"
+            )
         inner = optimizer
         while not _has_step_hooks(inner) and isinstance(
             getattr(inner, "optimizer", None), torch.optim.Optimizer
@@ -219,13 +238,29 @@ class SVB:
             inner = inner.optimizer
         if not _has_step_hooks(inner):
             raise TypeError(f"{type(optimizer).__name__} is not a torch.optim.Optimizer with step hooks")
-        return inner.register_step_post_hook(self._after_step)
+        self._handle = inner.register_step_post_hook(self._after_step)
+        return self._handle
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.step += 1
-        if self.should_apply(self.step):
+        # GradScaler hands a step with inf/NaN gradients to an optimizer that unscales itself (fused=True)
+        # with found_inf set; that step changed nothing. Tallied on the device, read back only when the
+        # schedule may fire, so the hook adds no host sync to other steps.
+        found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(found_inf, torch.Tensor):
+            skipped = (found_inf > 0).to(torch.int64)
+            self._skipped = skipped if self._skipped is None else self._skipped + skipped
+        self._steps += 1
+        if self._steps % self.every_n_steps:
+            return
+        self._settle_skipped()
+        if self.should_apply(self._steps):
             self.apply()
             self.num_applied += 1
+
+    def _settle_skipped(self) -> None:
+        if self._skipped is not None:
+            self._steps -= int(self._skipped.item())
+            self._skipped = None
 
     def state_dict(self) -> dict[str, int]:
         """The schedule's position, for checkpoints (``accelerator.register_for_checkpointing(svb)``)."""
@@ -434,7 +469,7 @@ class SVB:
         return (
             f"SVB(epsilon={self.epsilon}, bbn_epsilon={self.bbn_epsilon}, "
             f"every_n_steps={self.every_n_steps}, layers={len(self.layers) - n_bn}, bn_layers={n_bn}, "
-            f"step={self.step})"
+            f"step={self._steps})"
         )
 
 
