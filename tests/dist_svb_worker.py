@@ -1,8 +1,8 @@
 """Worker for tests/test_svb.py's 2-process run: ``torchrun --standalone --nproc_per_node=2 THIS OUT_DIR``.
 
-Two stages on one process group (timeout 600 s, so a rank left waiting in a collective would hang the
+Three stages on one process group (timeout 600 s, so a rank left waiting in a collective would hang the
 test, not end it): a DDP training run whose last ``SVB.apply()`` is observed from outside (which rank
-solved which matrices), and one rank's solver raising. Each rank saves what it saw.
+solved which matrices), one rank's solver raising, and an FSDP2 model. Each rank saves what it saw.
 """
 
 import sys
@@ -12,6 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from test_svb import small_net
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 import timm_svb.svb
@@ -55,6 +56,8 @@ def train_and_observe(rank: int) -> dict:
         "solved": solved,
         "num_applied": svb.num_applied,
         "clipped": stats.clipped + stats.bn_clipped,
+        "names_exclude": [layer.name for layer in SVB(model, exclude=("10", "0")).layers],
+        "names_include": [layer.name for layer in SVB(model, include=("3", "7")).layers],
     }
 
 
@@ -75,11 +78,26 @@ def one_rank_fails(rank: int) -> dict:
     return {"failure": message, "failure_seconds": time.perf_counter() - start}
 
 
+def fsdp2_refused() -> dict:
+    model = small_net()
+    for layer in model:
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+            fully_shard(layer)
+    fully_shard(model)
+    try:
+        SVB(model)
+        return {"fsdp2": None}
+    except ValueError as exc:
+        return {"fsdp2": str(exc)}
+
+
 def main(out_dir: str) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=600))
     rank = dist.get_rank()
     result = train_and_observe(rank)
     result.update(one_rank_fails(rank))
+    dist.barrier()
+    result.update(fsdp2_refused())
     torch.save(result, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 

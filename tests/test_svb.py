@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from test_functional import reference_bbn, reference_bound, rel_err, with_spectrum
 from torch import nn
 
@@ -556,6 +557,39 @@ def test_attach_twice_is_refused():
     assert svb.step == 4 and svb.num_applied == 2
 
 
+# ------------------------------------------------------------------ wrapped models
+
+
+def test_compiled_model_names_are_unwrapped():
+    net = small_net()
+    net[3] = torch.compile(net[3], backend="eager")  # a compiled submodule
+    compiled = torch.compile(net, backend="eager")
+    svb = SVB(compiled, exclude=("10", "0"), bbn_epsilon=1.0)
+    assert [layer.name for layer in svb.layers] == ["1", "3", "4", "6", "7"]
+    assert [layer.name for layer in SVB(compiled, include=("3",)).layers] == ["3"]
+    stats = svb.apply(per_layer=True)
+    assert set(stats.per_layer) == {"1", "3", "4", "6", "7"}
+    assert numpy_svs(net[3]).max() <= 1.5 * (1 + PROMISED_SLACK)
+    compiled(torch.randn(2, 3, 8, 8))
+    net.svb_config = {"epsilon": 0.3}
+    assert SVB.from_model(compiled).epsilon == 0.3
+
+
+def test_ddp_world_one_names_are_unwrapped(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = nn.parallel.DistributedDataParallel(small_net())
+        svb = SVB(model, exclude=("10", "0"))
+        assert [layer.name for layer in svb.layers] == ["3", "6", "7"]
+        assert [layer.name for layer in SVB(model, include=("7",)).layers] == ["7"]
+        stats = svb.apply(per_layer=True)
+        assert set(stats.per_layer) == {"3", "6", "7"} and stats.clipped > 0
+        model.module.svb_config = {"epsilon": 0.3}
+        assert SVB.from_model(model).epsilon == 0.3
+    finally:
+        dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------ two processes
 
 
@@ -618,9 +652,22 @@ def test_two_process_ranks_share_the_work_and_end_identical(two_process_run):
 
 
 @pytest.mark.slow
+def test_two_process_ddp_names_are_unwrapped(two_process_run):
+    for result in two_process_run:
+        assert result["names_exclude"] == ["3", "6", "7"]
+        assert result["names_include"] == ["3", "7"]
+
+
+@pytest.mark.slow
 def test_two_process_one_rank_failing_raises_on_every_rank(two_process_run):
     """Rank 1's solver raises; both ranks raise the same SVBError (instead of rank 0 waiting 600 s)."""
     messages = [result["failure"] for result in two_process_run]
     assert messages[0] is not None and messages[0] == messages[1]
     assert "on rank 1 in layer(s)" in messages[0] and "RuntimeError: injected solver failure" in messages[0]
     assert "every rank raises" in messages[0]
+
+
+@pytest.mark.slow
+def test_two_process_fsdp2_is_refused_naming_ddp(two_process_run):
+    for result in two_process_run:
+        assert result["fsdp2"] is not None and "DistributedDataParallel" in result["fsdp2"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import sys
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -109,7 +110,9 @@ class SVB:
     Algorithm 2. ``attach(optimizer)`` does it after every ``every_n_steps`` real optimizer steps.
 
     Args:
-        model: the model whose layers are bounded (a DDP wrapper is fine).
+        model: the model whose layers are bounded; DDP and ``torch.compile`` wrappers are fine (layer names,
+            in patterns and statistics, are those of the unwrapped model). Sharded parameters (FSDP, DTensor)
+            are refused: use DDP.
         epsilon: SVB band half-width; the paper uses 0.5 (the reference code's factor 1.5).
         bbn_epsilon: BBN band; ``None`` leaves BatchNorm alone. The paper uses 1.0 (0.2 in Table 3).
         every_n_steps: apply after every this many real optimizer steps; defaults to ``steps_per_epoch``.
@@ -168,6 +171,7 @@ class SVB:
         self.on_nonfinite = on_nonfinite
         self.process_group = process_group
         self.model = model
+        _refuse_sharded(model)
         self.layers = select_layers(model, include, exclude, layer_types, self.bbn_epsilon is not None)
         if bbn_mode == "sigma":
             for layer in self.layers:
@@ -184,7 +188,7 @@ class SVB:
     @classmethod
     def from_model(cls, model: nn.Module, **overrides: Any) -> SVB:
         """Build the plugin from ``model.svb_config`` (set by the ``*_svb`` models), with overrides."""
-        config = getattr(getattr(model, "module", model), "svb_config", None)
+        config = getattr(_unwrap(model), "svb_config", None)
         if config is None:
             raise ValueError(
                 f"{type(model).__name__} has no svb_config (only the timm_svb '*_svb' models carry one); "
@@ -485,6 +489,43 @@ def _has_step_hooks(optimizer: Any) -> bool:
     return isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "_optimizer_step_post_hooks")
 
 
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module inside DDP / DataParallel and ``torch.compile`` wrappers (nested in any order)."""
+    # torch.compile's wrapper class lives in torch._dynamo, which only a compiled model has imported
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ())
+    while True:
+        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            module = module.module
+        elif compiled and isinstance(module, compiled):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def _named_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules()`` of the unwrapped model: wrappers (at the top or around any child) are looked
+    through, so names are those of the plain model."""
+    module = _unwrap(module)
+    yield prefix, module
+    for name, child in module.named_children():
+        yield from _named_modules(child, f"{prefix}.{name}" if prefix else name)
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    """Refuse FSDP (1 and 2) and other DTensor-sharded models: a rank holds only a shard of each matrix."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", ())
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", ())
+    sharded = (fsdp and any(isinstance(m, fsdp) for m in model.modules())) or (
+        dtensor and any(isinstance(p, dtensor) for p in model.parameters())
+    )
+    if sharded:
+        raise ValueError(
+            f"{type(model).__name__} has sharded parameters (FSDP / fully_shard / DTensor): SVB needs each "
+            "weight matrix whole on one rank. Train with DistributedDataParallel (Accelerate's default "
+            "multi-GPU mode), where SVB shares the work between ranks."
+        )
+
+
 def select_layers(
     model: nn.Module,
     include: Sequence[str] | None,
@@ -494,13 +535,13 @@ def select_layers(
 ) -> list[_Layer]:
     """The layers :class:`SVB` bounds, in module order: conv/linear weights and, with ``with_bn``, BatchNorms.
 
-    ``include``/``exclude`` are glob patterns on module names; a weight shared by several modules is taken
-    once.
+    ``include``/``exclude`` are glob patterns on module names of the unwrapped model (no ``module.`` or
+    ``_orig_mod.``); a weight shared by several modules is taken once.
     """
     if isinstance(include, str) or isinstance(exclude, str):
         raise TypeError("include/exclude take a sequence of glob patterns, e.g. exclude=('fc',)")
     layers, seen = [], set()
-    for name, module in model.named_modules():
+    for name, module in _named_modules(model):
         if include is not None and not any(fnmatch.fnmatch(name, p) for p in include):
             continue
         if any(fnmatch.fnmatch(name, p) for p in exclude):
