@@ -11,22 +11,19 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from test_functional import reference_bbn, reference_bound, rel_err, with_spectrum
+from test_functional import (
+    one_thread,  # noqa: F401  (autouse: this module on one thread too)
+    reference_bbn,
+    reference_bound,
+    rel_err,
+    with_spectrum,
+)
 from torch import nn
 
 import timm_svb.svb
 from timm_svb import SVB, NonFiniteWeightError, SVBError
 
 PROMISED_SLACK = 2e-5  # README: float32 weights in band to within this relative slack after SVB
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Linear algebra on one thread: OpenMP threads busy-wait and slow the shared CI cores down."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def small_net(seed: int = 0) -> nn.Module:
