@@ -1,19 +1,36 @@
-"""Worker for tests/test_svb.py's 2-process run: ``torchrun --standalone --nproc_per_node=2 THIS OUT_DIR``."""
+"""Worker for tests/test_svb.py's 2-process run: ``torchrun --standalone --nproc_per_node=2 THIS OUT_DIR``.
+
+Three stages on one process group (timeout 600 s, so a rank left waiting in a collective would hang the
+test, not end it): a DDP training run whose last ``SVB.apply()`` is observed from outside (which rank
+solved which matrices), one rank's solver raising, and an FSDP2 model. Each rank saves what it saw.
+"""
 
 import sys
+import time
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from test_svb import small_net
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from timm_svb import SVB
-from timm_svb.svb import _assign_owners
+import timm_svb.svb
+from timm_svb import SVB, SVBError
 
 
-def main(out_dir: str) -> None:
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+def recorded(name: str, calls: list):
+    """The engine's solver ``name`` (looked up at call time), keeping a copy of its first argument."""
+    real = getattr(timm_svb.svb, name)
+
+    def recording(first, *args, **kwargs):
+        calls.append(first.detach().clone())
+        return real(first, *args, **kwargs)
+
+    return recording
+
+
+def train_and_observe(rank: int) -> dict:
     model = DistributedDataParallel(small_net())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     svb = SVB(model, epsilon=0.5, bbn_epsilon=1.0, every_n_steps=2)
@@ -25,20 +42,63 @@ def main(out_dir: str) -> None:
         optimizer.step()
         if svb.step == 6:
             handle.remove()
-    params = dict(model.module.named_parameters())
     before_last = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+    solved: dict[str, list] = {"clip_singular_values": [], "bbn_gamma": []}
+    real = {name: getattr(timm_svb.svb, name) for name in solved}
+    for name, calls in solved.items():
+        setattr(timm_svb.svb, name, recorded(name, calls))
     stats = svb.apply()
-    owners = _assign_owners(svb.layers, dist.get_world_size())
-    torch.save(
-        {
-            "state": {k: v.detach().clone() for k, v in params.items()},
-            "before_last": before_last,
-            "owned": [layer.name for layer, owner in zip(svb.layers, owners, strict=True) if owner == rank],
-            "num_applied": svb.num_applied,
-            "clipped": stats.clipped + stats.bn_clipped,
-        },
-        f"{out_dir}/rank{rank}.pt",
-    )
+    for name, solver in real.items():
+        setattr(timm_svb.svb, name, solver)
+    return {
+        "state": {k: v.detach().clone() for k, v in model.module.named_parameters()},
+        "before_last": before_last,
+        "solved": solved,
+        "num_applied": svb.num_applied,
+        "clipped": stats.clipped + stats.bn_clipped,
+        "names_exclude": [layer.name for layer in SVB(model, exclude=("10", "0")).layers],
+        "names_include": [layer.name for layer in SVB(model, include=("3", "7")).layers],
+    }
+
+
+def one_rank_fails(rank: int) -> dict:
+    svb = SVB(small_net(), epsilon=0.5, bbn_epsilon=1.0)
+    if rank == 1:
+
+        def broken_solver(*args, **kwargs):
+            raise RuntimeError("injected solver failure")
+
+        timm_svb.svb.clip_singular_values = broken_solver
+    start = time.perf_counter()
+    try:
+        svb.apply()
+        message = None
+    except SVBError as exc:
+        message = str(exc)
+    return {"failure": message, "failure_seconds": time.perf_counter() - start}
+
+
+def fsdp2_refused() -> dict:
+    model = small_net()
+    for layer in model:
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+            fully_shard(layer)
+    fully_shard(model)
+    try:
+        SVB(model)
+        return {"fsdp2": None}
+    except ValueError as exc:
+        return {"fsdp2": str(exc)}
+
+
+def main(out_dir: str) -> None:
+    dist.init_process_group("gloo", timeout=timedelta(seconds=600))
+    rank = dist.get_rank()
+    result = train_and_observe(rank)
+    result.update(one_rank_fails(rank))
+    dist.barrier()
+    result.update(fsdp2_refused())
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 

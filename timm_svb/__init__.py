@@ -6,7 +6,7 @@ Importing this package registers the SVB/BBN model zoo with timm (``timm.create_
 from . import models  # noqa: F401  (registers the timm models)
 from .functional import bbn_gamma, bbn_ratio, clip_singular_values, orthogonal_init_, singular_values
 from .spectrum import model_spectrum, plot_spectra
-from .svb import SVB, LayerStats, NonFiniteWeightError, SVBStats
+from .svb import SVB, LayerStats, NonFiniteWeightError, SVBError, SVBStats
 
 __version__ = "0.1.0"
 
@@ -14,6 +14,7 @@ __all__ = [
     "SVB",
     "LayerStats",
     "NonFiniteWeightError",
+    "SVBError",
     "SVBStats",
     "bbn_gamma",
     "bbn_ratio",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import sys
 import warnings
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,21 +15,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from .functional import bbn_gamma, bbn_ratio, check_epsilon, clip_singular_values, weight_matrices
+from .functional import bbn_alpha, bbn_gamma, bbn_ratio, check_epsilon, clip_singular_values, weight_matrices
 
-__all__ = ["SVB", "LayerStats", "SVBStats", "NonFiniteWeightError", "DEFAULT_LAYER_TYPES"]
+__all__ = ["SVB", "LayerStats", "SVBStats", "NonFiniteWeightError", "SVBError", "DEFAULT_LAYER_TYPES"]
 
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 # Columns of the per-layer statistics table that ranks sum-reduce: every rank fills only its own rows.
-_MIN, _MAX, _CLIPPED, _NONFINITE, _FALLBACK = range(5)
+_MIN, _MAX, _CLIPPED, _NONFINITE, _FALLBACK, _DEGENERATE, _ERROR = range(7)
+_COLUMNS = 7
+# Bytes of each rank's error message that reach the other ranks.
+_MESSAGE_BYTES = 1024
 
 
 class NonFiniteWeightError(ValueError):
     """A weight (or a BN layer's gamma / running variance) holds NaN or Inf; nothing was written back."""
+
+
+class SVBError(RuntimeError):
+    """Bounding raised on some rank: every rank raises this (naming the rank and layers); nothing written."""
 
 
 @dataclass
@@ -36,9 +45,12 @@ class LayerStats:
     """What :meth:`SVB.apply` saw and did in one layer.
 
     For a conv/linear layer ``sv_min``/``sv_max`` are its extreme singular values before bounding (over all
-    groups) and ``clipped`` counts the singular values moved into the band. For a BN layer they are the
-    extremes of the ratio ``gamma / (sigma * alpha)`` (``gamma / mean(gamma)`` in "rel" mode) and ``clipped``
-    counts the gammas changed.
+    groups) and ``clipped`` counts the singular values moved into the band; ``fallback`` is True if a
+    float64 route was needed (condition number beyond the float32 Gram's limit) and ``degenerate`` if a
+    weight matrix (of some group) is all zero and was left as it is. For a BN layer they are the extremes of
+    the ratio ``gamma / (sigma * alpha)`` (``gamma / mean(gamma)`` in "rel" mode) and ``clipped`` counts the
+    gammas changed; ``degenerate`` means ``alpha <= 0`` (the layer was left as it is, ratios NaN).
+    ``skipped`` means NaN/Inf (nothing was written).
     """
 
     kind: str
@@ -47,11 +59,16 @@ class LayerStats:
     clipped: int
     fallback: bool = False
     skipped: bool = False
+    degenerate: bool = False
 
 
 @dataclass
 class SVBStats:
-    """Summary of one :meth:`SVB.apply`; ``per_layer`` is filled when asked for."""
+    """Summary of one :meth:`SVB.apply`; ``per_layer`` is filled when asked for.
+
+    ``skipped`` names the layers left alone for NaN/Inf, ``degenerate`` those left alone because there was
+    nothing to bound (an all-zero weight matrix, BN gammas averaging to <= 0).
+    """
 
     layers: int
     clipped: int
@@ -60,6 +77,7 @@ class SVBStats:
     bn_layers: int = 0
     bn_clipped: int = 0
     skipped: list[str] = field(default_factory=list)
+    degenerate: list[str] = field(default_factory=list)
     per_layer: dict[str, LayerStats] | None = None
 
     def to_dict(self) -> dict[str, float]:
@@ -72,6 +90,7 @@ class SVBStats:
             "bbn/layers": self.bn_layers,
             "bbn/clipped": self.bn_clipped,
             "svb/skipped": len(self.skipped),
+            "svb/degenerate": len(self.degenerate),
         }
 
 
@@ -91,7 +110,9 @@ class SVB:
     Algorithm 2. ``attach(optimizer)`` does it after every ``every_n_steps`` real optimizer steps.
 
     Args:
-        model: the model whose layers are bounded (a DDP wrapper is fine).
+        model: the model whose layers are bounded; DDP and ``torch.compile`` wrappers are fine (layer names,
+            in patterns and statistics, are those of the unwrapped model). Sharded parameters (FSDP, DTensor)
+            are refused: use DDP.
         epsilon: SVB band half-width; the paper uses 0.5 (the reference code's factor 1.5).
         bbn_epsilon: BBN band; ``None`` leaves BatchNorm alone. The paper uses 1.0 (0.2 in Table 3).
         every_n_steps: apply after every this many real optimizer steps; defaults to ``steps_per_epoch``.
@@ -102,12 +123,13 @@ class SVB:
         include: glob patterns of module names to bound (``None``: all).
         exclude: glob patterns of module names to leave alone, e.g. ``("fc", "head.*")``.
         layer_types: module types whose ``weight`` is bounded.
-        bbn_mode: ``"sigma"`` (Algorithm 2) or ``"rel"`` (the reference code's simpler mode).
+        bbn_mode: ``"sigma"`` (Algorithm 2; needs BN running statistics) or ``"rel"`` (the reference code's
+            simpler mode).
         on_nonfinite: ``"raise"`` (a weight with NaN/Inf raises and nothing is written) or ``"warn"``
             (that layer is skipped with a warning, the others are bounded).
         process_group: ``torch.distributed`` group to shard the work over (default: the world, when
             initialised). Each rank bounds its share, then the changed layers are broadcast, so every rank
-            ends with bitwise identical weights.
+            ends with bitwise identical weights. :meth:`apply` is then a collective.
     """
 
     def __init__(
@@ -149,14 +171,24 @@ class SVB:
         self.on_nonfinite = on_nonfinite
         self.process_group = process_group
         self.model = model
+        _refuse_sharded(model)
         self.layers = select_layers(model, include, exclude, layer_types, self.bbn_epsilon is not None)
-        self.step = 0  # real optimizer steps seen by the hook
+        if bbn_mode == "sigma":
+            for layer in self.layers:
+                if layer.kind == "bn" and layer.module.running_var is None:
+                    raise ValueError(
+                        f"BatchNorm {layer.name!r} keeps no running statistics (track_running_stats=False), "
+                        "which bbn_mode='sigma' (Algorithm 2) needs: use bbn_mode='rel' or exclude the layer"
+                    )
+        self._steps = 0  # optimizer steps seen by the hook, less the skipped ones settled so far
+        self._skipped: torch.Tensor | None = None  # steps a fused optimizer skipped, not yet read back
+        self._handle: RemovableHandle | None = None
         self.num_applied = 0  # times the hook applied SVB
 
     @classmethod
     def from_model(cls, model: nn.Module, **overrides: Any) -> SVB:
         """Build the plugin from ``model.svb_config`` (set by the ``*_svb`` models), with overrides."""
-        config = getattr(getattr(model, "module", model), "svb_config", None)
+        config = getattr(_unwrap(model), "svb_config", None)
         if config is None:
             raise ValueError(
                 f"{type(model).__name__} has no svb_config (only the timm_svb '*_svb' models carry one); "
@@ -165,6 +197,16 @@ class SVB:
         return cls(model, **{**config, **overrides})
 
     # ------------------------------------------------------------------ schedule
+
+    @property
+    def step(self) -> int:
+        """Real optimizer steps seen by the hook (steps a ``GradScaler`` skipped are not counted)."""
+        self._settle_skipped()
+        return self._steps
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._steps, self._skipped = int(value), None
 
     def should_apply(self, step: int) -> bool:
         """Whether the schedule bounds after real optimizer step number ``step`` (1-based)."""
@@ -182,10 +224,17 @@ class SVB:
         """Bound after every ``every_n_steps`` real steps of ``optimizer``; returns a removable handle.
 
         The hook sits on the innermost torch optimizer, so an Accelerate ``AcceleratedOptimizer`` step that
-        only accumulates gradients, or a ``GradScaler`` step skipped for inf/NaN gradients, is not counted.
+        only accumulates gradients, or a ``GradScaler`` step skipped for inf/NaN gradients, is not counted
+        (also with ``fused=True`` optimizers, whose skipped steps still run ``step()``). One SVB counts one
+        optimizer: attaching it again while attached raises (``handle.remove()`` first).
         """
         if self.every_n_steps is None:
             raise ValueError("attach() needs every_n_steps (or steps_per_epoch for once an epoch)")
+        if self._handle is not None and self._handle.id in (self._handle.hooks_dict_ref() or {}):
+            raise RuntimeError(
+                "this SVB is already attached to an optimizer, and would count every step twice: remove "
+                "the first hook (handle.remove()) or build one SVB per optimizer"
+            )
         inner = optimizer
         while not _has_step_hooks(inner) and isinstance(
             getattr(inner, "optimizer", None), torch.optim.Optimizer
@@ -193,13 +242,29 @@ class SVB:
             inner = inner.optimizer
         if not _has_step_hooks(inner):
             raise TypeError(f"{type(optimizer).__name__} is not a torch.optim.Optimizer with step hooks")
-        return inner.register_step_post_hook(self._after_step)
+        self._handle = inner.register_step_post_hook(self._after_step)
+        return self._handle
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.step += 1
-        if self.should_apply(self.step):
+        # GradScaler hands a step with inf/NaN gradients to an optimizer that unscales itself (fused=True)
+        # with found_inf set; that step changed nothing. Tallied on the device, read back only when the
+        # schedule may fire, so the hook adds no host sync to other steps.
+        found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(found_inf, torch.Tensor):
+            skipped = (found_inf > 0).to(torch.int64)
+            self._skipped = skipped if self._skipped is None else self._skipped + skipped
+        self._steps += 1
+        if self._steps % self.every_n_steps:
+            return
+        self._settle_skipped()
+        if self.should_apply(self._steps):
             self.apply()
             self.num_applied += 1
+
+    def _settle_skipped(self) -> None:
+        if self._skipped is not None:
+            self._steps -= int(self._skipped.item())
+            self._skipped = None
 
     def state_dict(self) -> dict[str, int]:
         """The schedule's position, for checkpoints (``accelerator.register_for_checkpointing(svb)``)."""
@@ -213,21 +278,24 @@ class SVB:
 
     @torch.no_grad()
     def apply(self, per_layer: bool = False) -> SVBStats:
-        """Bound every selected layer now and return what was seen and done."""
+        """Bound every selected layer now and return what was seen and done.
+
+        Under ``torch.distributed`` this is a collective over ``process_group``: every rank must call it at
+        the same point (the :meth:`attach` hook does); calling it on one rank only leaves that rank waiting.
+        If anything raises while a rank bounds its share, every rank raises the same :class:`SVBError`
+        (naming the rank, layers and error) and nothing is written back on any rank.
+        """
         rank, world = _rank_and_world(self.process_group)
         owners = _assign_owners(self.layers, world)
         mine = [i for i, owner in enumerate(owners) if owner == rank]
-        table = torch.zeros(len(self.layers), 5, dtype=torch.float64)
-        results = self._bound_weights([i for i in mine if self.layers[i].kind == "weight"], table)
-        results.update(self._bound_bn([i for i in mine if self.layers[i].kind == "bn"], table))
+        table = torch.zeros(len(self.layers), _COLUMNS, dtype=torch.float64)
+        results, error = self._bound_local(mine, table, rank)
         if world > 1:
-            device = self.layers[0].module.weight.device
-            if dist.get_backend(self.process_group) == "gloo":
-                device = torch.device("cpu")
-            reduced = table.to(device)
-            dist.all_reduce(reduced, group=self.process_group)
-            table = reduced.cpu()
-        bad = [self.layers[i].name for i in range(len(self.layers)) if table[i, _NONFINITE] > 0]
+            table = self._all_reduce(table)
+        if (table[:, _ERROR] > 0).any():
+            raise self._failure(table, error, world) from error
+        names = [layer.name for layer in self.layers]
+        bad = [names[i] for i in range(len(self.layers)) if table[i, _NONFINITE] > 0]
         if bad and self.on_nonfinite == "raise":
             raise NonFiniteWeightError(
                 f"NaN/Inf in layer(s) {', '.join(bad)}: nothing was written back. Lower the learning rate or "
@@ -237,6 +305,14 @@ class SVB:
             warnings.warn(
                 f"SVB skipped layer(s) with NaN/Inf: {', '.join(bad)}", RuntimeWarning, stacklevel=2
             )
+        degenerate = [names[i] for i in range(len(self.layers)) if table[i, _DEGENERATE] > 0]
+        if degenerate:
+            warnings.warn(
+                f"SVB left layer(s) {', '.join(degenerate)} as they are: nothing to bound (an all-zero "
+                "weight matrix, or BatchNorm gammas averaging to <= 0, e.g. timm's zero_init_last)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         changed = [i for i in range(len(self.layers)) if table[i, _CLIPPED] > 0 and table[i, _NONFINITE] == 0]
         for i in changed:
             if i in results:
@@ -245,60 +321,124 @@ class SVB:
             _broadcast_layers(
                 [self.layers[i] for i in changed], [owners[i] for i in changed], self.process_group
             )
-        return self._stats(table, bad, per_layer)
+        return self._stats(table, bad, degenerate, per_layer)
+
+    def _bound_local(
+        self, indices: list[int], table: torch.Tensor, rank: int
+    ) -> tuple[dict[int, torch.Tensor], Exception | None]:
+        """Bound this rank's layers one unit at a time; an error marks its unit's rows and stops the rest."""
+        results: dict[int, torch.Tensor] = {}
+        for unit in self._units(indices):
+            try:
+                if self.layers[unit[0]].kind == "bn":
+                    results.update(self._bound_bn(unit[0], table))
+                else:
+                    results.update(self._bound_weights(unit, table))
+            except Exception as exc:  # re-raised on every rank by apply(), after the collective
+                table[unit, _ERROR] = rank + 1
+                return results, exc
+        return results, None
+
+    def _units(self, indices: list[int]) -> Iterator[list[int]]:
+        """Layers bounded together: conv/linear layers whose matrices share shape, dtype and device; a BN."""
+        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        for i in indices:
+            module = self.layers[i].module
+            if self.layers[i].kind == "bn":
+                yield [i]
+                continue
+            weight = module.weight
+            groups = getattr(module, "groups", 1)
+            key = (weight.shape[0] // groups, weight[0].numel(), weight.dtype, weight.device)
+            by_shape[key].append(i)
+        yield from by_shape.values()
 
     def _bound_weights(self, indices: list[int], table: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Bound the conv/linear layers ``indices``, batching layers whose matrices have one shape."""
-        by_shape: dict[tuple, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        """Bound the conv/linear layers ``indices`` (one matrix shape) in one batched call."""
+        group = []
         for i in indices:
             weight = self.layers[i].module.weight
             if not torch.isfinite(weight).all():
                 table[i, _NONFINITE] = 1
                 continue
-            mats = weight_matrices(weight, getattr(self.layers[i].module, "groups", 1))
-            by_shape[(tuple(mats.shape[1:]), weight.dtype, weight.device)].append((i, mats))
+            group.append((i, weight_matrices(weight, getattr(self.layers[i].module, "groups", 1))))
+        if not group:
+            return {}
+        result = clip_singular_values(torch.cat([mats for _, mats in group]), self.epsilon)
         results = {}
-        for group in by_shape.values():
-            result = clip_singular_values(torch.cat([mats for _, mats in group]), self.epsilon)
-            start = 0
-            for i, mats in group:
-                rows = slice(start, start + mats.shape[0])
-                start += mats.shape[0]
-                table[i, _MIN] = result.sv_min[rows].min().item()
-                table[i, _MAX] = result.sv_max[rows].max().item()
-                table[i, _FALLBACK] = result.fallback[rows].any().item()
-                clipped = int(result.num_clipped[rows].sum())
-                if not clipped:
-                    continue
-                new = result.matrices[rows]
-                if not torch.isfinite(new).all():
-                    table[i, _NONFINITE] = 1
-                    continue
-                table[i, _CLIPPED] = clipped
-                weight = self.layers[i].module.weight
-                results[i] = new.reshape(weight.shape).to(weight.dtype)
-        return results
-
-    def _bound_bn(self, indices: list[int], table: torch.Tensor) -> dict[int, torch.Tensor]:
-        results = {}
-        for i in indices:
-            bn = self.layers[i].module
-            var = bn.running_var if self.bbn_mode == "sigma" else None
-            if not torch.isfinite(bn.weight).all() or (var is not None and not torch.isfinite(var).all()):
+        start = 0
+        for i, mats in group:
+            rows = slice(start, start + mats.shape[0])
+            start += mats.shape[0]
+            table[i, _MIN] = result.sv_min[rows].min().item()
+            table[i, _MAX] = result.sv_max[rows].max().item()
+            table[i, _FALLBACK] = result.fallback[rows].any().item()
+            table[i, _DEGENERATE] = result.degenerate[rows].any().item()
+            clipped = int(result.num_clipped[rows].sum())
+            if not clipped:
+                continue
+            new = result.matrices[rows]
+            if not torch.isfinite(new).all():
                 table[i, _NONFINITE] = 1
                 continue
-            ratio = bbn_ratio(bn.weight, var, bn.eps, self.bbn_mode)
-            table[i, _MIN], table[i, _MAX] = ratio.min().item(), ratio.max().item()
-            new = bbn_gamma(bn.weight, var, bn.eps, self.bbn_epsilon, self.bbn_mode)
-            changed = int((new != bn.weight).sum())
-            if changed and torch.isfinite(new).all():
-                table[i, _CLIPPED] = changed
-                results[i] = new
-            elif changed:
-                table[i, _NONFINITE] = 1
+            table[i, _CLIPPED] = clipped
+            weight = self.layers[i].module.weight
+            results[i] = new.reshape(weight.shape).to(weight.dtype)
         return results
 
-    def _stats(self, table: torch.Tensor, skipped: list[str], per_layer: bool) -> SVBStats:
+    def _bound_bn(self, i: int, table: torch.Tensor) -> dict[int, torch.Tensor]:
+        bn = self.layers[i].module
+        var = bn.running_var if self.bbn_mode == "sigma" else None
+        if not torch.isfinite(bn.weight).all() or (var is not None and not torch.isfinite(var).all()):
+            table[i, _NONFINITE] = 1
+            return {}
+        if not bbn_alpha(bn.weight, var, bn.eps, self.bbn_mode) > 0:
+            table[i, [_MIN, _MAX, _DEGENERATE]] = torch.tensor([math.nan, math.nan, 1.0], dtype=table.dtype)
+            return {}
+        ratio = bbn_ratio(bn.weight, var, bn.eps, self.bbn_mode)
+        table[i, _MIN], table[i, _MAX] = ratio.min().item(), ratio.max().item()
+        new = bbn_gamma(bn.weight, var, bn.eps, self.bbn_epsilon, self.bbn_mode)
+        changed = int((new != bn.weight).sum())
+        if not changed:
+            return {}
+        if not torch.isfinite(new).all():
+            table[i, _NONFINITE] = 1
+            return {}
+        table[i, _CLIPPED] = changed
+        return {i: new}
+
+    def _collective_device(self) -> torch.device:
+        if dist.get_backend(self.process_group) == "gloo":
+            return torch.device("cpu")
+        return self.layers[0].module.weight.device
+
+    def _all_reduce(self, table: torch.Tensor) -> torch.Tensor:
+        reduced = table.to(self._collective_device())
+        dist.all_reduce(reduced, group=self.process_group)
+        return reduced.cpu()
+
+    def _failure(self, table: torch.Tensor, error: Exception | None, world: int) -> SVBError:
+        """The error every rank raises: which rank failed in which layers, with what (text from each rank)."""
+        text = "" if error is None else f"{type(error).__name__}: {error}"
+        messages = (
+            [text] if world == 1 else _all_gather_text(text, self._collective_device(), self.process_group)
+        )
+        parts = []
+        for rank, message in enumerate(messages):
+            names = [
+                layer.name for layer, row in zip(self.layers, table, strict=True) if row[_ERROR] == rank + 1
+            ]
+            if names:
+                where = f"on rank {rank} " if world > 1 else ""
+                parts.append(f"{where}in layer(s) {', '.join(repr(n) for n in names)} ({message})")
+        return SVBError(
+            f"SVB.apply() failed {'; '.join(parts)}. Nothing was written back"
+            f"{' on any rank (every rank raises this error)' if world > 1 else ''}."
+        )
+
+    def _stats(
+        self, table: torch.Tensor, skipped: list[str], degenerate: list[str], per_layer: bool
+    ) -> SVBStats:
         weights = [
             i for i, layer in enumerate(self.layers) if layer.kind == "weight" and table[i, _NONFINITE] == 0
         ]
@@ -311,6 +451,7 @@ class SVB:
             bn_layers=len(bns),
             bn_clipped=int(table[bns, _CLIPPED].sum()),
             skipped=skipped,
+            degenerate=degenerate,
         )
         if per_layer:
             stats.per_layer = {
@@ -321,6 +462,7 @@ class SVB:
                     clipped=int(row[_CLIPPED]),
                     fallback=bool(row[_FALLBACK]),
                     skipped=bool(row[_NONFINITE]),
+                    degenerate=bool(row[_DEGENERATE]),
                 )
                 for layer, row in zip(self.layers, table, strict=True)
             }
@@ -331,7 +473,7 @@ class SVB:
         return (
             f"SVB(epsilon={self.epsilon}, bbn_epsilon={self.bbn_epsilon}, "
             f"every_n_steps={self.every_n_steps}, layers={len(self.layers) - n_bn}, bn_layers={n_bn}, "
-            f"step={self.step})"
+            f"step={self._steps})"
         )
 
 
@@ -347,6 +489,43 @@ def _has_step_hooks(optimizer: Any) -> bool:
     return isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "_optimizer_step_post_hooks")
 
 
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module inside DDP / DataParallel and ``torch.compile`` wrappers (nested in any order)."""
+    # torch.compile's wrapper class lives in torch._dynamo, which only a compiled model has imported
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ())
+    while True:
+        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            module = module.module
+        elif compiled and isinstance(module, compiled):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def _named_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules()`` of the unwrapped model: wrappers (at the top or around any child) are looked
+    through, so names are those of the plain model."""
+    module = _unwrap(module)
+    yield prefix, module
+    for name, child in module.named_children():
+        yield from _named_modules(child, f"{prefix}.{name}" if prefix else name)
+
+
+def _refuse_sharded(model: nn.Module) -> None:
+    """Refuse FSDP (1 and 2) and other DTensor-sharded models: a rank holds only a shard of each matrix."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", ())
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FullyShardedDataParallel", ())
+    sharded = (fsdp and any(isinstance(m, fsdp) for m in model.modules())) or (
+        dtensor and any(isinstance(p, dtensor) for p in model.parameters())
+    )
+    if sharded:
+        raise ValueError(
+            f"{type(model).__name__} has sharded parameters (FSDP / fully_shard / DTensor): SVB needs each "
+            "weight matrix whole on one rank. Train with DistributedDataParallel (Accelerate's default "
+            "multi-GPU mode), where SVB shares the work between ranks."
+        )
+
+
 def select_layers(
     model: nn.Module,
     include: Sequence[str] | None,
@@ -356,13 +535,13 @@ def select_layers(
 ) -> list[_Layer]:
     """The layers :class:`SVB` bounds, in module order: conv/linear weights and, with ``with_bn``, BatchNorms.
 
-    ``include``/``exclude`` are glob patterns on module names; a weight shared by several modules is taken
-    once.
+    ``include``/``exclude`` are glob patterns on module names of the unwrapped model (no ``module.`` or
+    ``_orig_mod.``); a weight shared by several modules is taken once.
     """
     if isinstance(include, str) or isinstance(exclude, str):
         raise TypeError("include/exclude take a sequence of glob patterns, e.g. exclude=('fc',)")
     layers, seen = [], set()
-    for name, module in model.named_modules():
+    for name, module in _named_modules(model):
         if include is not None and not any(fnmatch.fnmatch(name, p) for p in include):
             continue
         if any(fnmatch.fnmatch(name, p) for p in exclude):
@@ -370,18 +549,25 @@ def select_layers(
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.Tensor) or id(weight) in seen:
             continue
-        if isinstance(module, layer_types) and weight.dim() >= 2:
+        is_matrix = isinstance(module, layer_types) and (is_lazy(weight) or weight.dim() >= 2)
+        is_bn = with_bn and isinstance(module, _BatchNorm) and module.affine
+        if not (is_matrix or is_bn):
+            continue
+        if is_lazy(weight) or weight.is_meta:
+            what = "a lazy module" if is_lazy(weight) else "on the meta device"
+            raise ValueError(
+                f"layer {name!r} has no weight values yet ({what}): build SVB after a first forward pass "
+                "(lazy modules) or after loading the weights"
+            )
+        if is_matrix:
             if parametrize.is_parametrized(module, "weight"):
                 raise ValueError(
                     f"layer {name!r} has a parametrized weight; exclude it or remove the parametrization"
                 )
-            mats_shape = weight_matrices(weight.detach(), getattr(module, "groups", 1)).shape
-            g, m, n = mats_shape
+            g, m, n = weight_matrices(weight.detach(), getattr(module, "groups", 1)).shape
             kind, cost = "weight", g * min(m, n) ** 2 * (max(m, n) + min(m, n))
-        elif with_bn and isinstance(module, _BatchNorm) and module.affine:
-            kind, cost = "bn", float(weight.numel())
         else:
-            continue
+            kind, cost = "bn", float(weight.numel())
         seen.add(id(weight))
         layers.append(_Layer(name, module, kind, float(cost)))
     if not layers:
@@ -411,6 +597,17 @@ def _assign_owners(layers: list[_Layer], world: int) -> list[int]:
         owners[i] = rank
         load[rank] += layers[i].cost
     return owners
+
+
+def _all_gather_text(text: str, device: torch.device, group: Any) -> list[str]:
+    """Every rank's ``text`` (its first ``_MESSAGE_BYTES`` bytes), on every rank: one sum-reduce."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    buffer = torch.zeros(world, _MESSAGE_BYTES, dtype=torch.int32)
+    data = text.encode()[:_MESSAGE_BYTES]
+    buffer[rank, : len(data)] = torch.tensor(list(data), dtype=torch.int32)
+    buffer = buffer.to(device)
+    dist.all_reduce(buffer, group=group)
+    return [bytes(row[row > 0].tolist()).decode(errors="replace") for row in buffer.cpu()]
 
 
 def _broadcast_layers(layers: list[_Layer], owners: list[int], group: Any) -> None:
