@@ -48,6 +48,7 @@ __all__ = [
     "digits_dataset",
     "load_image_dataset",
     "make_synthetic_dataset",
+    "make_train_loader",
 ]
 
 _logger = logging.getLogger("recipes.data")
@@ -636,6 +637,47 @@ class FixedLengthLoader:
                     return
             if done == before:
                 raise DataError("the streamed training split gave this process no batch")
+
+
+def make_train_loader(
+    data: ImageData,
+    transform: Any,
+    mode: str,
+    *,
+    batch_size: int,
+    steps: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    shuffle_buffer: int = 10_000,
+    **kwargs: Any,
+) -> DataLoader | FixedLengthLoader:
+    """The training loader: ``batch_size`` is the global batch.
+
+    A split in memory gives a shuffled ``DataLoader`` of global batches (``accelerator.prepare`` shares each
+    out over the processes); a streamed split gives this process's :class:`StreamingImages` in batches of
+    ``batch_size / world_size``, ``steps`` of them an epoch (:class:`FixedLengthLoader`). ``kwargs`` go to the
+    ``DataLoader`` (:func:`loader_kwargs`).
+    """
+    if not data.streamed:
+        dataset = TorchImageDataset(data.train, data.image_column, data.label_column, transform, mode)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, **kwargs)
+    # each process reads its own shards (no Accelerate dispatch) and takes exactly `steps` batches
+    stream = StreamingImages(
+        data.train,
+        data.image_column,
+        data.label_column,
+        transform,
+        mode,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        buffer_size=shuffle_buffer,
+    )
+    kwargs["persistent_workers"] = False  # workers see set_epoch
+    return FixedLengthLoader(
+        DataLoader(stream, batch_size=batch_size // world_size, drop_last=True, **kwargs), steps
+    )
 
 
 def loader_kwargs(workers: int, pin_memory: bool) -> dict[str, Any]:
