@@ -489,51 +489,63 @@ def build_transforms(
     scale: tuple[float, float] | None = None,
     ratio: tuple[float, float] | None = None,
     color_jitter: float | None = 0.4,
+    auto_augment: str | None = None,
+    re_prob: float = 0.0,
+    re_mode: str = "pixel",
+    re_count: int = 1,
 ) -> Any:
     """timm transforms for the model's data config.
 
-    Training: ``cifar`` = resize to the input size (a no-op for CIFAR), zero-pad ``crop_padding`` pixels,
-    random crop back, horizontal flip with probability ``hflip``, normalise; ``inception`` = timm's
-    ``create_transform(is_training=True)`` (random-resized crop with ``scale``/``ratio``, flip, colour
-    jitter); ``none`` = the eval transform. Testing: ``create_transform(is_training=False)`` (resize to
-    ``input / crop_pct``, center crop).
+    Training: ``cifar`` = resize to the input size (a no-op for CIFAR), zero-pad ``crop_padding``
+    pixels, random crop back, horizontal flip with probability ``hflip``; ``inception`` = timm's
+    random-resized crop with ``scale``/``ratio``, flip and colour jitter (off under ``auto_augment``, as
+    timm does); ``none`` = the eval transform. Both then apply timm's ``auto_augment`` policy
+    (``rand-m9-mstd0.5-inc1`` = RandAugment, ``original`` / ``v0`` = AutoAugment, ``augmix-...``),
+    normalise, and erase random rectangles with probability ``re_prob`` (timm's ``RandomErasing``,
+    ``re_mode`` fill, up to ``re_count`` of them): timm's ``create_transform`` builds these, the cifar crop
+    taking the place of its random-resized crop. Testing: ``create_transform(is_training=False)`` (resize
+    to ``input / crop_pct``, center crop).
     """
-    size = tuple(data_config["input_size"][1:])
-    eval_tf = create_transform(
-        input_size=data_config["input_size"],
-        is_training=False,
-        interpolation=data_config["interpolation"],
-        mean=data_config["mean"],
-        std=data_config["std"],
-        crop_pct=data_config["crop_pct"],
-        crop_mode=data_config.get("crop_mode", "center"),
-    )
-    if not is_training:
-        return eval_tf
+    common = {
+        "input_size": data_config["input_size"],
+        "interpolation": data_config["interpolation"],
+        "mean": data_config["mean"],
+        "std": data_config["std"],
+    }
+    if not is_training or resolve_aug(aug, data_config) == "none":
+        if is_training and (auto_augment or re_prob):
+            raise ValueError("--aa / --reprob augment training images: not with --aug none")
+        return create_transform(
+            **common,
+            is_training=False,
+            crop_pct=data_config["crop_pct"],
+            crop_mode=data_config.get("crop_mode", "center"),
+        )
     aug = resolve_aug(aug, data_config)
-    if aug == "none":
-        return eval_tf
+    if aug not in ("cifar", "inception"):
+        raise ValueError(f"unknown augmentation {aug!r} (auto, cifar, inception, none)")
+    primary, secondary, final = create_transform(
+        **common,
+        is_training=True,
+        scale=scale,
+        ratio=ratio,
+        hflip=hflip,
+        color_jitter=color_jitter if aug == "inception" else None,
+        auto_augment=auto_augment,
+        re_prob=re_prob,
+        re_mode=re_mode,
+        re_count=re_count,
+        separate=True,
+    )
     if aug == "cifar":
+        size = tuple(data_config["input_size"][1:])
         steps: list[Any] = [T.Resize(size, interpolation=_interp(data_config["interpolation"]))]
         if crop_padding:
             steps.append(T.RandomCrop(size, padding=crop_padding, fill=0, padding_mode="constant"))
         if hflip > 0:
             steps.append(T.RandomHorizontalFlip(hflip))
-        steps += [T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])]
-        return T.Compose(steps)
-    if aug == "inception":
-        return create_transform(
-            input_size=data_config["input_size"],
-            is_training=True,
-            interpolation=data_config["interpolation"],
-            mean=data_config["mean"],
-            std=data_config["std"],
-            scale=scale,
-            ratio=ratio,
-            hflip=hflip,
-            color_jitter=color_jitter,
-        )
-    raise ValueError(f"unknown augmentation {aug!r} (auto, cifar, inception, none)")
+        primary = T.Compose(steps)
+    return T.Compose([*primary.transforms, *secondary.transforms, *final.transforms])
 
 
 def _interp(name: str) -> T.InterpolationMode:

@@ -47,7 +47,18 @@ from data import (
     make_train_loader,
     resolve_aug,
 )
-from engine import RecipeLR, RecordingSVB, evaluate, parse_svb_every, svb_apply_steps, train_one_epoch
+from engine import (
+    BoundedEMA,
+    RecipeLR,
+    RecordingSVB,
+    evaluate,
+    freeze_backbone,
+    frozen_layer_names,
+    param_groups,
+    parse_svb_every,
+    svb_apply_steps,
+    train_one_epoch,
+)
 from rundir import (
     RunState,
     find_checkpoint,
@@ -59,11 +70,14 @@ from rundir import (
     write_run_json,
     write_summary,
 )
-from timm.data import resolve_data_config
+from timm.data import Mixup, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.utils.data import DataLoader
 
 import timm_svb
+from timm_svb.curves import plot_curves
 from timm_svb.spectrum import model_spectrum, plot_spectra, spectrum_summary
 
 __all__ = ["TrainResult", "fit", "make_accelerator"]
@@ -80,6 +94,11 @@ RESUME_FIXED = (
     "batch_size",
     "seed",
     "streaming",
+    # ... and the optimizer's parameter groups and what the checkpoint holds
+    "filter_bias_and_bn",
+    "head_lr_scale",
+    "freeze_backbone",
+    "model_ema",
 )
 # Options that do not change what is trained: not reported when they differ on resume.
 RESUME_QUIET = (
@@ -92,7 +111,11 @@ RESUME_QUIET = (
     "log_with",
     "checkpoint_hist",
     "spectrum_every",
+    "experiment",
+    "run_name",
 )
+# Where trackers that name runs take --run-name (Accelerate passes init_kwargs[tracker] to each).
+RUN_NAME_KWARGS = {"wandb": "name", "mlflow": "run_name", "trackio": "name", "clearml": "task_name"}
 # BN and BBN statistics from fewer images per process than this get a warning (and a pointer to --sync-bn).
 MIN_BN_BATCH = 32
 
@@ -109,6 +132,7 @@ class TrainResult:
     start_epoch: int = 0  # epochs completed before this invocation (a resumed run's checkpoint)
     svb_steps: list[int] = field(default_factory=list)  # steps of the whole run after which SVB bounds
     run: dict[str, Any] = field(default_factory=dict)
+    ema: BoundedEMA | None = None  # --model-ema
 
 
 # ------------------------------------------------------------------------------------------------- fit
@@ -119,10 +143,10 @@ def fit(args: Any) -> TrainResult:
     given = dict(vars(args))  # as parsed, before anything is resolved: recorded, and compared on resume
     setup = setup_run(args, given)
     data, num_classes = load_data(args, setup.accelerator)
-    model, model_kwargs = build_model(args, setup.accelerator, num_classes)
-    loaders = build_loaders(args, setup.accelerator, data, model)
+    model, model_kwargs, frozen_bn = build_model(args, setup.accelerator, num_classes)
+    loaders = build_loaders(args, setup.accelerator, data, model, num_classes)
     optim = build_optimizer(args, model, loaders.steps_per_epoch, setup)
-    run = prepare(args, setup, model, loaders, optim)
+    run = prepare(args, setup, model, loaders, optim, frozen_bn)
     record = start_record(args, given, setup, data, model_kwargs, loaders, optim, run)
     train_epochs(args, setup.accelerator, run, optim.svb, record)
     return finish(args, setup.accelerator, run, optim.svb, record)
@@ -230,9 +254,12 @@ def load_data(args: Any, accelerator: Accelerator) -> tuple[ImageData, int]:
 # --------------------------------------------------------------------------------------------- 3. model
 
 
-def build_model(args: Any, accelerator: Accelerator, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+def build_model(
+    args: Any, accelerator: Accelerator, num_classes: int
+) -> tuple[nn.Module, dict[str, Any], list[nn.Module]]:
     """``timm.create_model`` with its kwargs (recorded in ``run.json``), initialised or loaded, SyncBN when
-    asked for, in the memory format of the run."""
+    asked for, the backbone frozen for ``--freeze-backbone``, in the memory format of the run. Returns the
+    model, its kwargs and the frozen backbone's BN layers (kept in eval mode while training)."""
     model_kwargs = _model_kwargs(args, num_classes)
     with accelerator.local_main_process_first():
         model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
@@ -244,10 +271,17 @@ def build_model(args: Any, accelerator: Accelerator, num_classes: int) -> tuple[
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     else:
         _warn_small_bn_batch(args, accelerator, model)
+    frozen_bn = freeze_backbone(model) if args.freeze_backbone else []
     if _channels_last(args, accelerator):
         model = model.to(memory_format=torch.channels_last)
-    _logger.info("model %s: %.2fM parameters", args.model, sum(p.numel() for p in model.parameters()) / 1e6)
-    return model, model_kwargs
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _logger.info(
+        "model %s: %.2fM parameters%s",
+        args.model,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        f", {trainable / 1e6:.4f}M trained (--freeze-backbone)" if args.freeze_backbone else "",
+    )
+    return model, model_kwargs, frozen_bn
 
 
 def _channels_last(args: Any, accelerator: Accelerator) -> bool:
@@ -283,19 +317,26 @@ def _warn_small_bn_batch(args: Any, accelerator: Accelerator, model: nn.Module) 
 
 @dataclass
 class Loaders:
-    """The training and test loaders and the preprocessing they apply."""
+    """The training and test loaders, the preprocessing they apply, and what a training batch goes through
+    next: mixup / cutmix and the loss."""
 
     train: Any  # a DataLoader, or a FixedLengthLoader over a stream
     test: DataLoader
     steps_per_epoch: int
     data_config: dict[str, Any]  # timm's data config of the model (input size, mean, std, crop)
     resolved: dict[str, Any]  # defaults resolved here, recorded in run.json's recipe (hflip, aug, workers)
+    mixup_fn: Mixup | None  # timm's Mixup (soft targets), None without --mixup / --cutmix
+    loss_fn: nn.Module  # the training loss (testing uses plain cross-entropy)
 
 
-def build_loaders(args: Any, accelerator: Accelerator, data: ImageData, model: nn.Module) -> Loaders:
+def build_loaders(
+    args: Any, accelerator: Accelerator, data: ImageData, model: nn.Module, num_classes: int
+) -> Loaders:
     """The model's data config (timm's ``resolve_data_config``, overridden by ``--input-size`` & co.), the
-    training augmentation and the test transform, and their loaders: ``--batch-size`` images per optimizer
-    step in all, ``steps_per_epoch`` full batches an epoch."""
+    training augmentation (crop and flip, ``--aa``, ``--reprob``) and the test transform, their loaders
+    (``--batch-size`` images per optimizer step in all, ``steps_per_epoch`` full batches an epoch), timm's
+    ``Mixup`` and the loss it needs: ``SoftTargetCrossEntropy`` for mixed targets, else
+    ``LabelSmoothingCrossEntropy`` (``--smoothing``) or cross-entropy."""
     data_config = resolve_data_config(
         {
             "input_size": tuple(args.input_size) if args.input_size else None,
@@ -318,6 +359,10 @@ def build_loaders(args: Any, accelerator: Accelerator, data: ImageData, model: n
         scale=tuple(args.scale) if args.scale else None,
         ratio=tuple(args.ratio) if args.ratio else None,
         color_jitter=args.color_jitter,
+        auto_augment=args.aa,
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        re_count=args.recount,
     )
     test_tf = build_transforms(data_config, False)
     workers = args.workers if args.workers is not None else _default_workers(accelerator)
@@ -348,7 +393,36 @@ def build_loaders(args: Any, accelerator: Accelerator, data: ImageData, model: n
         **loader_kwargs(workers, pin),
     )
     resolved = {"hflip": hflip, "aug": aug, "workers": workers}
-    return Loaders(train_loader, test_loader, steps_per_epoch, data_config, resolved)
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0:
+        if (args.batch_size // accelerator.num_processes) % 2:
+            raise SystemExit(
+                f"--mixup / --cutmix pair the images of each process's batch: --batch-size {args.batch_size} "
+                f"/ {accelerator.num_processes} process(es) must be even"
+            )
+        mixup_fn = Mixup(
+            mixup_alpha=args.mixup,
+            cutmix_alpha=args.cutmix,
+            prob=args.mixup_prob,
+            switch_prob=args.mixup_switch_prob,
+            mode=args.mixup_mode,
+            label_smoothing=args.smoothing,
+            num_classes=num_classes,
+        )
+        loss_fn: nn.Module = SoftTargetCrossEntropy()  # the smoothing is in the mixed targets
+    elif args.smoothing:
+        loss_fn = LabelSmoothingCrossEntropy(args.smoothing)
+    else:
+        loss_fn = nn.CrossEntropyLoss()
+    return Loaders(
+        train_loader,
+        test_loader,
+        steps_per_epoch,
+        data_config,
+        resolved,
+        mixup_fn,
+        loss_fn.to(accelerator.device),
+    )
 
 
 def _default_workers(accelerator: Accelerator) -> int:
@@ -374,27 +448,37 @@ class Optimization:
 
 
 def build_optimizer(args: Any, model: nn.Module, steps_per_epoch: int, setup: RunSetup) -> Optimization:
-    """SGD (the reference) or a timm optimizer; the per-step :class:`engine.RecipeLR`; SVB as the model's
-    ``svb_config`` and ``--svb-*`` say, on the schedule of ``--svb-every`` and the reference's rules."""
+    """SGD (the reference) or a timm optimizer over :func:`engine.param_groups` (weight decay off for BN and
+    biases when fine-tuning, the classifier's ``--head-lr-scale``, frozen parameters left out); the per-step
+    :class:`engine.RecipeLR`; SVB as the model's ``svb_config`` and ``--svb-*`` say, on the schedule of
+    ``--svb-every`` and the reference's rules, leaving frozen layers alone."""
+    groups = param_groups(
+        model,
+        args.weight_decay,
+        filter_bias_and_bn=_filter_bias_and_bn(args),
+        head_lr_scale=args.head_lr_scale,
+    )
     if args.opt.lower() == "sgd":
         optimizer = torch.optim.SGD(
-            model.parameters(),
+            groups,
             lr=args.lr,
             momentum=args.momentum,
             nesterov=args.nesterov and args.momentum > 0,
             weight_decay=args.weight_decay,
         )
     else:
-        from timm.optim import create_optimizer_v2  # noqa: PLC0415
-
         optimizer = create_optimizer_v2(
-            model,
-            opt=args.opt,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            momentum=args.momentum,
-            filter_bias_and_bn=False,
+            groups, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
         )
+    _logger.info(
+        "optimizer %s: %s",
+        args.opt,
+        "; ".join(
+            f"{len(g['params'])} tensors weight decay {g['weight_decay']:g}"
+            + (f" lr x {g['lr_scale']:g}" if "lr_scale" in g else "")
+            for g in groups
+        ),
+    )
     if args.lr_base is not None:
         _logger.info(
             "lr %g = --lr-base %g x batch %d / --lr-base-size %d (%s)",
@@ -435,12 +519,26 @@ def build_optimizer(args: Any, model: nn.Module, steps_per_epoch: int, setup: Ru
         skip_last_steps=skip_last,
         num_epochs=args.epochs,
         skip_final_epoch=args.svb_skip_final_epoch,
-        exclude=tuple(args.svb_exclude or ()),
+        exclude=_svb_exclude(args, model),
         bbn_mode=args.bbn_mode,
     )
     svb_config = {**settings, "every_n_steps": every}
     svb_recipe = {**svb_config, "skip_last_steps": skip_last, "skip_final_epoch": args.svb_skip_final_epoch}
     return Optimization(optimizer, scheduler, svb, svb_config, svb_recipe)
+
+
+def _filter_bias_and_bn(args: Any) -> bool:
+    """``--filter-bias-and-bn``; by default on when fine-tuning (from ``--pretrained`` weights or an
+    ``--initial-checkpoint``)."""
+    if args.filter_bias_and_bn is not None:
+        return args.filter_bias_and_bn
+    return bool(args.pretrained or args.initial_checkpoint)
+
+
+def _svb_exclude(args: Any, model: nn.Module) -> tuple[str, ...]:
+    """What SVB leaves alone: ``--svb-exclude`` and the frozen layers (bounding them would change weights
+    that training does not: a frozen backbone must stay as loaded)."""
+    return (*(args.svb_exclude or ()), *frozen_layer_names(model))
 
 
 # ------------------------------------------------------------------------------------ 6. prepare, resume
@@ -461,14 +559,22 @@ class PreparedRun:
     steps_per_epoch: int
     start_epoch: int  # epochs completed before this invocation
     svb_steps: list[int]  # steps of the whole run after which SVB bounds
+    ema: BoundedEMA | None  # --model-ema
+    loaders: Loaders  # mixup and the loss of a training batch
+    frozen_bn: list[nn.Module]  # a frozen backbone's BN layers, in eval mode while training
 
 
 def prepare(
-    args: Any, setup: RunSetup, model: nn.Module, loaders: Loaders, optim: Optimization
+    args: Any,
+    setup: RunSetup,
+    model: nn.Module,
+    loaders: Loaders,
+    optim: Optimization,
+    frozen_bn: list[nn.Module],
 ) -> PreparedRun:
-    """``accelerator.prepare`` (device, DDP, compile), the checkpoint's contents (plain timm weights, the
-    run's progress, SVB's position) and, for ``--resume``, loading it: the command line's optimizer settings
-    win."""
+    """``accelerator.prepare`` (device, DDP, compile), the model EMA (of the prepared model, on its device),
+    the checkpoint's contents (plain timm weights, the run's progress, SVB's position, the EMA) and, for
+    ``--resume``, loading it: the command line's optimizer settings win."""
     accelerator, svb = setup.accelerator, optim.svb
     optimizer, scheduler, train_loader = optim.optimizer, optim.scheduler, loaders.train
     if isinstance(train_loader, FixedLengthLoader):  # a stream: each process reads its own shards
@@ -495,6 +601,18 @@ def prepare(
         accelerator.register_for_checkpointing(svb)
         svb_steps = svb_apply_steps(svb, loaders.steps_per_epoch * args.epochs)
         _log_svb_schedule(svb, loaders.steps_per_epoch, svb_steps, args.epochs)
+    ema = None
+    if args.model_ema:
+        ema = BoundedEMA(
+            plain,
+            args.model_ema_decay,
+            warmup=args.model_ema_warmup,
+            model_svb=svb,
+            svb=lambda copy: RecordingSVB(
+                copy, svb.epsilon, svb.bbn_epsilon, exclude=_svb_exclude(args, copy), bbn_mode=svb.bbn_mode
+            ),
+        )
+        accelerator.register_for_checkpointing(ema)
     if setup.resume_from is not None:
         # the command line's optimizer settings win over the checkpoint's (load_state_dict restores them)
         settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -527,6 +645,9 @@ def prepare(
         loaders.steps_per_epoch,
         run_state.epoch,
         svb_steps,
+        ema,
+        loaders,
+        frozen_bn,
     )
 
 
@@ -551,7 +672,8 @@ def _log_svb_schedule(svb: RecordingSVB, steps_per_epoch: int, svb_steps: list[i
 
 
 class RunRecord:
-    """``run.json`` and ``summary.csv`` of the run, rewritten by the main process as the run goes."""
+    """``run.json``, ``summary.csv`` and ``curves.png`` of the run, rewritten by the main process as the run
+    goes."""
 
     def __init__(self, run_dir: Path, run: dict[str, Any], state: RunState, is_main: bool) -> None:
         self.run_dir, self.run, self.state, self.is_main = run_dir, run, state, is_main
@@ -560,15 +682,13 @@ class RunRecord:
         """Record the run's progress with ``status`` (``running``, ``stopped``, ``finished``)."""
         if not self.is_main:
             return
-        history = self.state.history
         self.run["status"] = status
         self.run["completed_epochs"] = self.state.epoch
-        self.run["metrics"] = {
-            "best": self.state.best,
-            "final": {k: history[-1][k] for k in ("epoch", "top1_err", "top5_err")} if history else None,
-        }
+        self.run["metrics"] = self.state.metrics()
         write_run_json(self.run_dir / "run.json", self.run)
-        write_summary(self.run_dir / "summary.csv", history)
+        write_summary(self.run_dir / "summary.csv", self.state.history)
+        if self.state.history:  # from the files just written, as timm-svb-curves draws any run
+            plot_curves([self.run_dir], self.run_dir / "curves.png", title=f"{self.run_dir.name} ({status})")
 
 
 def start_record(
@@ -595,6 +715,7 @@ def start_record(
         mixed_precision=str(accelerator.mixed_precision),
         steps_per_epoch=run.steps_per_epoch,
         svb=optim.svb_recipe,
+        filter_bias_and_bn=_filter_bias_and_bn(args),
     )
     resumes = list(setup.previous.get("resumes", []))
     if setup.resume_from is not None:
@@ -628,14 +749,24 @@ def start_record(
             yaml.safe_dump(
                 {k: v for k, v in resolved.items() if k not in ("config", "resume")}, f, sort_keys=False
             )
-        best = run.state.best
-        if setup.resume_from is not None and best is not None and best["epoch"] == run.state.epoch:
-            # the save may have been cut short
-            save_weights(run.plain, run.run_dir / "model_best.safetensors")
+        for name in ("best", "best_ema") if setup.resume_from is not None else ():
+            best = getattr(run.state, name)
+            if best is not None and best["epoch"] == run.state.epoch:  # the save may have been cut short
+                save_weights(_weights_of(run, name), run.run_dir / f"model_{name}.safetensors")
         record.write("running")
     if _trackers(args.log_with):
-        accelerator.init_trackers("logs", config=_flat_hparams(recipe))
+        run_name = args.run_name or run.run_dir.name
+        accelerator.init_trackers(
+            args.experiment,
+            config=_flat_hparams(recipe),
+            init_kwargs={tracker: {key: run_name} for tracker, key in RUN_NAME_KWARGS.items()},
+        )
     return record
+
+
+def _weights_of(run: PreparedRun, name: str) -> nn.Module:
+    """The model whose weights ``model_NAME.safetensors`` holds: the EMA copy for ``*_ema``."""
+    return run.ema.module if name.endswith("_ema") else run.plain
 
 
 # -------------------------------------------------------------------------------------------- 8. epochs
@@ -644,16 +775,20 @@ def start_record(
 def train_epochs(
     args: Any, accelerator: Accelerator, run: PreparedRun, svb: RecordingSVB | None, record: RunRecord
 ) -> None:
-    """Every epoch (up to ``--epochs``, or ``--stop-after`` in this invocation): train, average the BN
-    statistics over the processes, test, record a ``summary.csv`` row, checkpoint, save the best weights,
-    log to the trackers and the console."""
+    """Every epoch (up to ``--epochs``, or ``--stop-after`` in this invocation): train (mixup, loss, the EMA
+    updated and SVB applied after optimizer steps), average the BN statistics over the processes, test the
+    model and its EMA, record a ``summary.csv`` row, checkpoint, save the best weights, log to the trackers
+    and the console."""
     stop_at = args.epochs if args.stop_after is None else min(args.epochs, run.start_epoch + args.stop_after)
+    channels_last = _channels_last(args, accelerator)
+    ema_svb = run.ema.svb if run.ema is not None else None
     for epoch in range(run.start_epoch, stop_at):
         run.train_loader.set_epoch(epoch)
-        lr = run.scheduler.get_last_lr()[0]
+        lr = getattr(run.scheduler, "scheduler", run.scheduler).base_lr  # inside Accelerate's wrapper
         applied_before = svb.num_applied if svb is not None else 0
-        if svb is not None:
-            svb.last_stats, svb.seconds = None, 0.0
+        for plugin in (svb, ema_svb):
+            if plugin is not None:
+                plugin.last_stats, plugin.seconds = None, 0.0
         train = train_one_epoch(
             run.model,
             run.train_loader,
@@ -662,33 +797,45 @@ def train_epochs(
             scheduler=run.scheduler,
             epoch=epoch,
             grad_accum_steps=args.grad_accum_steps,
-            smoothing=args.smoothing,
+            loss_fn=run.loaders.loss_fn,
+            mixup_fn=run.loaders.mixup_fn,
+            ema=run.ema,
+            eval_modules=run.frozen_bn,
             clip_grad=args.clip_grad,
-            channels_last=_channels_last(args, accelerator),
+            channels_last=channels_last,
             progress=args.progress,
             log_interval=args.log_interval,
         )
+        tested = {"": run.model} if run.ema is None else {"": run.model, "ema_": run.ema.module}
         if accelerator.num_processes > 1 and args.dist_bn != "none":
-            timm.utils.distribute_bn(run.plain, accelerator.num_processes, reduce=args.dist_bn == "reduce")
-        metrics = evaluate(
-            run.model, run.test_loader, accelerator, channels_last=_channels_last(args, accelerator)
-        )
+            for model in (run.plain, *(() if run.ema is None else (run.ema.module,))):
+                timm.utils.distribute_bn(model, accelerator.num_processes, reduce=args.dist_bn == "reduce")
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "lr": lr,
             "train_loss": train.loss,
-            "test_loss": metrics["loss"],
-            "top1_err": metrics["top1_err"],
-            "top5_err": metrics["top5_err"],
+            "train_top1_err": train.top1_err,
             "images_per_s": train.images_per_s,
             "epoch_s": train.seconds,
         }
+        for prefix, model in tested.items():
+            metrics = evaluate(model, run.test_loader, accelerator, channels_last=channels_last)
+            row.update({f"{prefix}test_loss": metrics["loss"]})
+            row.update({f"{prefix}{k}": metrics[k] for k in ("top1_err", "top5_err")})
         if svb is not None:
             row.update(_svb_row(svb, applied_before))
-        is_best = run.state.record(row)
+        if ema_svb is not None:
+            stats = ema_svb.last_stats
+            row.update(
+                ema_svb_clipped=stats.clipped if stats else None,
+                ema_svb_sv_min=stats.sv_min if stats else None,
+                ema_svb_sv_max=stats.sv_max if stats else None,
+            )
+        new_best = run.state.record(row)
         save_checkpoint(accelerator, run.run_dir, epoch + 1, args.checkpoint_hist)
-        if accelerator.is_main_process and is_best:
-            save_weights(run.plain, run.run_dir / "model_best.safetensors")
+        if accelerator.is_main_process:
+            for name in new_best:
+                save_weights(_weights_of(run, name), run.run_dir / f"model_{name}.safetensors")
         record.write("running")
         _log_epoch(args, accelerator, run, svb, row, epoch)
 
@@ -721,10 +868,15 @@ def _log_epoch(
     # main process only: the other processes hold the same weights and the trackers live on the main one
     if accelerator.is_main_process and args.spectrum_every and (epoch + 1) % args.spectrum_every == 0:
         spectrum = spectrum_summary(model_spectrum(run.plain), epsilon=_band_epsilon(svb))
-    svb_stats = {}
+    extra = {}
     if svb is not None:
         last = svb.last_stats.to_dict() if svb.last_stats else {}
-        svb_stats = {"svb/applied": row["svb_applied"], **last}
+        extra = {"svb/applied": row["svb_applied"], **last}
+    if row["train_top1_err"] is not None:  # not with mixed targets
+        extra["train/top1_err"] = row["train_top1_err"]
+    if run.ema is not None:
+        extra.update({f"test_ema/{k}": row[f"ema_{k}"] for k in ("top1_err", "top5_err")})
+        extra["test_ema/loss"] = row["ema_test_loss"]
     accelerator.log(
         {
             **spectrum,
@@ -734,13 +886,15 @@ def _log_epoch(
             "test/top1_err": row["top1_err"],
             "test/top5_err": row["top5_err"],
             "test/loss": row["test_loss"],
-            **svb_stats,
+            **extra,
         },
         step=epoch + 1,
     )
-    svb_text = ""
+    text = ""
+    if run.ema is not None:
+        text += f"  EMA top-1 err {row['ema_top1_err']:.2f}%"
     if svb is not None and row["svb_applied"]:
-        svb_text = f"  SVB x{row['svb_applied']} ({_describe_svb(svb.last_stats)}, {svb.seconds:.2f}s)"
+        text += f"  SVB x{row['svb_applied']} ({_describe_svb(svb.last_stats)}, {svb.seconds:.2f}s)"
     _logger.info(
         "epoch %d/%d  lr %.4g  train loss %.4f  test top-1 err %.2f%%  top-5 err %.2f%%  %.0f img/s%s",
         epoch + 1,
@@ -750,7 +904,7 @@ def _log_epoch(
         row["top1_err"],
         row["top5_err"],
         row["images_per_s"],
-        svb_text,
+        text,
     )
 
 
@@ -760,12 +914,13 @@ def _log_epoch(
 def finish(
     args: Any, accelerator: Accelerator, run: PreparedRun, svb: RecordingSVB | None, record: RunRecord
 ) -> TrainResult:
-    """After the last epoch: ``model_final.safetensors`` and ``spectra.png``; the record's final status;
-    the trackers closed; the test error and the run folder printed."""
+    """After the last epoch: ``model_final.safetensors`` (and ``model_final_ema``) and ``spectra.png``; the
+    record's final status; the trackers closed; the test error and the run folder printed."""
     state = run.state
     finished = state.epoch >= args.epochs
     if accelerator.is_main_process and finished:
-        save_weights(run.plain, run.run_dir / "model_final.safetensors")
+        for name in ("final", "final_ema") if run.ema is not None else ("final",):
+            save_weights(_weights_of(run, name), run.run_dir / f"model_{name}.safetensors")
         plot_spectra({args.model: model_spectrum(run.plain)}, run.run_dir / "spectra.png", _band_epsilon(svb))
     record.write("finished" if finished else "stopped")
     accelerator.wait_for_everyone()
@@ -776,6 +931,11 @@ def finish(
             f"test error after {args.epochs} epochs: top-1 {final['top1_err']:.2f}%, "
             f"top-5 {final['top5_err']:.2f}% "
             f"(best: top-1 {best['top1_err']:.2f}% at epoch {best['epoch']})"
+            + (
+                f"; EMA: top-1 {final['ema_top1_err']:.2f}%, top-5 {final['ema_top5_err']:.2f}%"
+                if run.ema
+                else ""
+            )
         )
     elif not finished:
         accelerator.print(f"stopped after epoch {state.epoch} of {args.epochs}; continue with --resume")
@@ -790,6 +950,7 @@ def finish(
         start_epoch=run.start_epoch,
         svb_steps=run.svb_steps,
         run=record.run,
+        ema=run.ema,
     )
 
 
@@ -820,6 +981,8 @@ def _run_dir(args: Any, state: PartialState) -> tuple[Path, Path | None]:
         return run_dir, checkpoint
     if args.output:
         run_dir = Path(args.output)
+    elif args.run_name:
+        run_dir = Path("runs") / args.run_name
     else:
         stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
         if state.num_processes > 1:
@@ -918,7 +1081,7 @@ def _resume_changes(record: dict[str, Any], args: dict[str, Any], run_dir: Path)
                 f"--{k.replace('_', '-')} ({changed[k][0]!r} in the run, {changed[k][1]!r} now)"
                 for k in fixed
             )
-            + ": the checkpoint's weights, data order and random state depend on it. Resume "
+            + ": the checkpoint's weights, data order, random state and optimizer state depend on it. Resume "
             f"{run_dir} without changing it, or start a new run from its weights with --initial-checkpoint "
             f"{run_dir / 'model_final.safetensors'} (or model_best)"
         )
