@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import create_transform
+from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
@@ -49,6 +50,7 @@ __all__ = [
     "load_image_dataset",
     "make_synthetic_dataset",
     "make_train_loader",
+    "model_data_config",
 ]
 
 _logger = logging.getLogger("recipes.data")
@@ -470,6 +472,27 @@ def data_config_from_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     config.setdefault("interpolation", "bilinear")
     config.setdefault("crop_mode", "center")
     return config
+
+
+def model_data_config(
+    model: Any,
+    *,
+    input_size: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+) -> dict[str, Any]:
+    """The model's own preprocessing (timm's ``resolve_data_config`` of its pretrained cfg), each entry
+    overridden when given (``--input-size``, ``--mean``, ``--std``, ``--crop-pct``, ``--interpolation``)."""
+    overrides = {
+        "input_size": tuple(input_size) if input_size else None,
+        "mean": tuple(mean) if mean else None,
+        "std": tuple(std) if std else None,
+        "crop_pct": crop_pct,
+        "interpolation": interpolation,
+    }
+    return resolve_data_config(overrides, model=model)
 
 
 def resolve_aug(aug: str, data_config: dict[str, Any]) -> str:

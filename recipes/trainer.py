@@ -2,12 +2,14 @@
 
 1. :func:`setup_run`: the processes, the ``Accelerator``, the run folder, what a resumed run recorded, seeds;
 2. :func:`load_data`: the data set and the number of classes;
-3. :func:`build_model`: ``timm.create_model``, initial weights, SyncBatchNorm, memory format;
-4. :func:`build_loaders`: the model's preprocessing, the training augmentation, the loaders;
-5. :func:`build_optimizer`: optimizer, learning-rate schedule, the SVB plugin;
-6. :func:`prepare`: ``accelerator.prepare``, what a checkpoint holds, resuming;
+3. :func:`build_model`: ``timm.create_model``, initial weights, SyncBatchNorm, a frozen backbone, memory
+   format;
+4. :func:`build_loaders`: the model's preprocessing, the training augmentation, the loaders, mixup and the
+   loss;
+5. :func:`build_optimizer`: parameter groups, optimizer, learning-rate schedule, the SVB plugin;
+6. :func:`prepare`: ``accelerator.prepare``, the model EMA, what a checkpoint holds, resuming;
 7. :func:`start_record`: ``run.json``, ``args.yaml`` and the trackers;
-8. :func:`train_epochs`: every epoch trains, tests, records, checkpoints and logs;
+8. :func:`train_epochs`: every epoch trains, tests the model (and its EMA), records, checkpoints and logs;
 9. :func:`finish`: the final weights and plots, the closing lines.
 
 Each stage takes the parsed options and what earlier stages built, and returns what later ones use; where a
@@ -16,6 +18,7 @@ setting takes effect is the stage that reads it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -45,6 +48,7 @@ from data import (
     load_image_dataset,
     loader_kwargs,
     make_train_loader,
+    model_data_config,
     resolve_aug,
 )
 from engine import (
@@ -70,7 +74,7 @@ from rundir import (
     write_run_json,
     write_summary,
 )
-from timm.data import Mixup, resolve_data_config
+from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from torch import nn
@@ -337,15 +341,13 @@ def build_loaders(
     (``--batch-size`` images per optimizer step in all, ``steps_per_epoch`` full batches an epoch), timm's
     ``Mixup`` and the loss it needs: ``SoftTargetCrossEntropy`` for mixed targets, else
     ``LabelSmoothingCrossEntropy`` (``--smoothing``) or cross-entropy."""
-    data_config = resolve_data_config(
-        {
-            "input_size": tuple(args.input_size) if args.input_size else None,
-            "mean": tuple(args.mean) if args.mean else None,
-            "std": tuple(args.std) if args.std else None,
-            "crop_pct": args.crop_pct,
-            "interpolation": args.interpolation,
-        },
-        model=model,
+    data_config = model_data_config(
+        model,
+        input_size=args.input_size,
+        mean=args.mean,
+        std=args.std,
+        crop_pct=args.crop_pct,
+        interpolation=args.interpolation,
     )
     hflip = args.hflip if args.hflip is not None else (0.0 if data.name == DIGITS else 0.5)
     aug = resolve_aug(args.aug, data_config)
@@ -393,36 +395,30 @@ def build_loaders(
         **loader_kwargs(workers, pin),
     )
     resolved = {"hflip": hflip, "aug": aug, "workers": workers}
-    mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0:
-        if (args.batch_size // accelerator.num_processes) % 2:
-            raise SystemExit(
-                f"--mixup / --cutmix pair the images of each process's batch: --batch-size {args.batch_size} "
-                f"/ {accelerator.num_processes} process(es) must be even"
-            )
-        mixup_fn = Mixup(
-            mixup_alpha=args.mixup,
-            cutmix_alpha=args.cutmix,
-            prob=args.mixup_prob,
-            switch_prob=args.mixup_switch_prob,
-            mode=args.mixup_mode,
-            label_smoothing=args.smoothing,
-            num_classes=num_classes,
+    mixup_fn, loss_fn = _mixup_and_loss(args, accelerator, num_classes)
+    return Loaders(train_loader, test_loader, steps_per_epoch, data_config, resolved, mixup_fn, loss_fn)
+
+
+def _mixup_and_loss(args: Any, accelerator: Accelerator, num_classes: int) -> tuple[Mixup | None, nn.Module]:
+    """timm's ``Mixup`` (None without ``--mixup`` / ``--cutmix``) and the training loss its targets need."""
+    if not (args.mixup > 0 or args.cutmix > 0):
+        loss_fn = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else nn.CrossEntropyLoss()
+        return None, loss_fn.to(accelerator.device)
+    if (args.batch_size // accelerator.num_processes) % 2:
+        raise SystemExit(
+            f"--mixup / --cutmix pair the images of each process's batch: --batch-size {args.batch_size} / "
+            f"{accelerator.num_processes} process(es) must be even"
         )
-        loss_fn: nn.Module = SoftTargetCrossEntropy()  # the smoothing is in the mixed targets
-    elif args.smoothing:
-        loss_fn = LabelSmoothingCrossEntropy(args.smoothing)
-    else:
-        loss_fn = nn.CrossEntropyLoss()
-    return Loaders(
-        train_loader,
-        test_loader,
-        steps_per_epoch,
-        data_config,
-        resolved,
-        mixup_fn,
-        loss_fn.to(accelerator.device),
+    mixup_fn = Mixup(
+        mixup_alpha=args.mixup,
+        cutmix_alpha=args.cutmix,
+        prob=args.mixup_prob,
+        switch_prob=args.mixup_switch_prob,
+        mode=args.mixup_mode,
+        label_smoothing=args.smoothing,
+        num_classes=num_classes,
     )
+    return mixup_fn, SoftTargetCrossEntropy().to(accelerator.device)  # the smoothing is in the targets
 
 
 def _default_workers(accelerator: Accelerator) -> int:
@@ -452,24 +448,23 @@ def build_optimizer(args: Any, model: nn.Module, steps_per_epoch: int, setup: Ru
     biases when fine-tuning, the classifier's ``--head-lr-scale``, frozen parameters left out); the per-step
     :class:`engine.RecipeLR`; SVB as the model's ``svb_config`` and ``--svb-*`` say, on the schedule of
     ``--svb-every`` and the reference's rules, leaving frozen layers alone."""
+    filter_bias_and_bn, scale = _filter_bias_and_bn(args), args.head_lr_scale
     groups = param_groups(
-        model,
-        args.weight_decay,
-        filter_bias_and_bn=_filter_bias_and_bn(args),
-        head_lr_scale=args.head_lr_scale,
+        model, args.weight_decay, filter_bias_and_bn=filter_bias_and_bn, head_lr_scale=scale
     )
-    if args.opt.lower() == "sgd":
-        optimizer = torch.optim.SGD(
+    optimizer = (
+        torch.optim.SGD(
             groups,
             lr=args.lr,
             momentum=args.momentum,
             nesterov=args.nesterov and args.momentum > 0,
             weight_decay=args.weight_decay,
         )
-    else:
-        optimizer = create_optimizer_v2(
+        if args.opt.lower() == "sgd"
+        else create_optimizer_v2(
             groups, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
         )
+    )
     _logger.info(
         "optimizer %s: %s",
         args.opt,
@@ -508,6 +503,14 @@ def build_optimizer(args: Any, model: nn.Module, steps_per_epoch: int, setup: Ru
         )
     if settings is None:
         return Optimization(optimizer, scheduler, None, None, None)
+    return Optimization(optimizer, scheduler, *_make_svb(args, model, settings, steps_per_epoch))
+
+
+def _make_svb(
+    args: Any, model: nn.Module, settings: dict[str, Any], steps_per_epoch: int
+) -> tuple[RecordingSVB, dict[str, Any], dict[str, Any]]:
+    """The SVB plugin on the schedule of ``--svb-every`` and the reference's two rules, leaving frozen layers
+    alone; with run.json's ``svb_config`` and the recipe's ``svb`` entry."""
     every = parse_svb_every(args.svb_every, steps_per_epoch)
     skip_last = args.svb_skip_last if args.svb_skip_last is not None else min(100, steps_per_epoch // 4)
     svb = RecordingSVB(
@@ -523,8 +526,11 @@ def build_optimizer(args: Any, model: nn.Module, steps_per_epoch: int, setup: Ru
         bbn_mode=args.bbn_mode,
     )
     svb_config = {**settings, "every_n_steps": every}
-    svb_recipe = {**svb_config, "skip_last_steps": skip_last, "skip_final_epoch": args.svb_skip_final_epoch}
-    return Optimization(optimizer, scheduler, svb, svb_config, svb_recipe)
+    return (
+        svb,
+        svb_config,
+        {**svb_config, "skip_last_steps": skip_last, "skip_final_epoch": svb.skip_final_epoch},
+    )
 
 
 def _filter_bias_and_bn(args: Any) -> bool:
@@ -601,38 +607,11 @@ def prepare(
         accelerator.register_for_checkpointing(svb)
         svb_steps = svb_apply_steps(svb, loaders.steps_per_epoch * args.epochs)
         _log_svb_schedule(svb, loaders.steps_per_epoch, svb_steps, args.epochs)
-    ema = None
-    if args.model_ema:
-        ema = BoundedEMA(
-            plain,
-            args.model_ema_decay,
-            warmup=args.model_ema_warmup,
-            model_svb=svb,
-            svb=lambda copy: RecordingSVB(
-                copy, svb.epsilon, svb.bbn_epsilon, exclude=_svb_exclude(args, copy), bbn_mode=svb.bbn_mode
-            ),
-        )
+    ema = _make_ema(args, plain, svb) if args.model_ema else None
+    if ema is not None:
         accelerator.register_for_checkpointing(ema)
     if setup.resume_from is not None:
-        # the command line's optimizer settings win over the checkpoint's (load_state_dict restores them)
-        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        accelerator.load_state(str(setup.resume_from))
-        for group, own in zip(optimizer.param_groups, settings, strict=True):
-            group.update({k: v for k, v in own.items() if k != "lr"})
-        _logger.info(
-            "resumed %s after epoch %d of %d from %s%s",
-            setup.run_dir,
-            run_state.epoch,
-            args.epochs,
-            setup.resume_from.name,
-            (
-                "; changed on the command line, in effect from epoch "
-                f"{run_state.epoch + 1} on (LR schedule, SVB schedule, optimizer, ...): "
-                + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in setup.changed.items())
-            )
-            if setup.changed
-            else "",
-        )
+        _resume(setup, optimizer, run_state, args.epochs)
     return PreparedRun(
         model,
         plain,
@@ -648,6 +627,43 @@ def prepare(
         ema,
         loaders,
         frozen_bn,
+    )
+
+
+def _make_ema(args: Any, plain: nn.Module, svb: RecordingSVB | None) -> BoundedEMA:
+    """``--model-ema`` of the prepared timm model (on its device), bounded by an SVB of its own with the
+    model SVB's bands and layer selection whenever that one bounds."""
+    return BoundedEMA(
+        plain,
+        args.model_ema_decay,
+        warmup=args.model_ema_warmup,
+        model_svb=svb,
+        svb=lambda copy: RecordingSVB(
+            copy, svb.epsilon, svb.bbn_epsilon, exclude=_svb_exclude(args, copy), bbn_mode=svb.bbn_mode
+        ),
+    )
+
+
+def _resume(setup: RunSetup, optimizer: torch.optim.Optimizer, run_state: RunState, epochs: int) -> None:
+    """Load the checkpoint into everything registered; the command line's optimizer settings (weight decay,
+    momentum, ...; not the scheduled rate) win over the checkpoint's, which ``load_state_dict`` restores."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    setup.accelerator.load_state(str(setup.resume_from))
+    for group, own in zip(optimizer.param_groups, settings, strict=True):
+        group.update({k: v for k, v in own.items() if k != "lr"})
+    _logger.info(
+        "resumed %s after epoch %d of %d from %s%s",
+        setup.run_dir,
+        run_state.epoch,
+        epochs,
+        setup.resume_from.name,
+        (
+            "; changed on the command line, in effect from epoch "
+            f"{run_state.epoch + 1} on (LR schedule, SVB schedule, optimizer, ...): "
+            + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in setup.changed.items())
+        )
+        if setup.changed
+        else "",
     )
 
 
@@ -819,7 +835,10 @@ def train_epochs(
             "epoch_s": train.seconds,
         }
         for prefix, model in tested.items():
-            metrics = evaluate(model, run.test_loader, accelerator, channels_last=channels_last)
+            # a pass over a loader draws its workers' base seed from the global generator: the EMA's pass must
+            # not, or --model-ema would change the augmentation, and so the training, of the model
+            with torch.random.fork_rng(devices=[]) if prefix else contextlib.nullcontext():
+                metrics = evaluate(model, run.test_loader, accelerator, channels_last=channels_last)
             row.update({f"{prefix}test_loss": metrics["loss"]})
             row.update({f"{prefix}{k}": metrics[k] for k in ("top1_err", "top5_err")})
         if svb is not None:

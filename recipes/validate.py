@@ -41,11 +41,11 @@ from data import (  # noqa: E402
     build_transforms,
     load_image_dataset,
     loader_kwargs,
+    model_data_config,
 )
 from engine import evaluate  # noqa: E402
 from options import ParseKwargs  # noqa: E402
 from rundir import WEIGHTS, atomic_write_text, jsonable, plain_state_dict  # noqa: E402
-from timm.data import resolve_data_config  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -170,15 +170,13 @@ def _evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
             f"{args.model} has {model.num_classes} outputs, the data set {data.num_classes} classes "
             "(--num-classes?)"
         )
-    data_config = resolve_data_config(
-        {
-            "input_size": tuple(args.input_size) if args.input_size else None,
-            "mean": tuple(args.mean) if args.mean else None,
-            "std": tuple(args.std) if args.std else None,
-            "crop_pct": args.crop_pct,
-            "interpolation": args.interpolation,
-        },
-        model=model,
+    data_config = model_data_config(
+        model,
+        input_size=args.input_size,
+        mean=args.mean,
+        std=args.std,
+        crop_pct=args.crop_pct,
+        interpolation=args.interpolation,
     )
     mode = "L" if data_config["input_size"][0] == 1 else "RGB"
     dataset = TorchImageDataset(
