@@ -10,12 +10,13 @@ Sources (:func:`load_image_dataset`):
   ``imagefolder`` tree (``train/<class>/*.png``, ``test/<class>/*.png``) or a local copy of a Hub dataset
   repository (parquet files).
 
-Transforms come from timm with the model's data config: ``cifar`` (pad + random crop + flip, for inputs up to
-64 pixels) or ``inception`` (timm's random-resized-crop ImageNet pipeline) for training; timm's eval transform
-(resize by ``crop_pct`` + center crop) for testing.
+Transforms come from timm with the model's data config: ``cifar`` (pad + random crop + flip, for inputs up
+to 64 pixels) or ``inception`` (timm's random-resized-crop ImageNet pipeline) for training, followed by timm's
+auto-augment and random erasing when asked for; timm's eval transform (resize by ``crop_pct`` + center crop)
+for testing.
 
-:func:`build_test_loader` rebuilds the test loader of a finished run from its ``run.json`` (``hub/publish.py``
-re-evaluates with it).
+:func:`build_test_loader` rebuilds the test loader of a finished run from its ``run.json``
+(``recipes/validate.py`` evaluates runs with it, and through it ``hub/publish.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -474,23 +474,16 @@ def data_config_from_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def model_data_config(
-    model: Any,
-    *,
-    input_size: Sequence[int] | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    crop_pct: float | None = None,
-    interpolation: str | None = None,
-) -> dict[str, Any]:
+def model_data_config(model: Any, options: Any) -> dict[str, Any]:
     """The model's own preprocessing (timm's ``resolve_data_config`` of its pretrained cfg), each entry
-    overridden when given (``--input-size``, ``--mean``, ``--std``, ``--crop-pct``, ``--interpolation``)."""
+    overridden where ``options`` (the parsed arguments of ``recipes/train.py`` or ``recipes/validate.py``)
+    sets it: ``input_size``, ``mean``, ``std``, ``crop_pct``, ``interpolation``."""
     overrides = {
-        "input_size": tuple(input_size) if input_size else None,
-        "mean": tuple(mean) if mean else None,
-        "std": tuple(std) if std else None,
-        "crop_pct": crop_pct,
-        "interpolation": interpolation,
+        "input_size": tuple(options.input_size) if options.input_size else None,
+        "mean": tuple(options.mean) if options.mean else None,
+        "std": tuple(options.std) if options.std else None,
+        "crop_pct": options.crop_pct,
+        "interpolation": options.interpolation,
     }
     return resolve_data_config(overrides, model=model)
 

@@ -8,7 +8,9 @@
 
 ``python recipes/train.py --help`` lists every option; a YAML ``--config`` sets defaults that the command line
 overrides. The run folder (``--output``) holds ``run.json``, ``model_best.safetensors``,
-``model_final.safetensors``, ``summary.csv`` and ``checkpoints/``; ``hub/publish.py`` publishes it.
+``model_final.safetensors`` (and ``model_{best,final}_ema.safetensors`` with ``--model-ema``),
+``summary.csv``, ``curves.png`` and ``checkpoints/``; ``recipes/validate.py`` evaluates it,
+``hub/publish.py`` publishes it.
 
 ``--eval-only`` trains nothing: it evaluates the model the options build on the test split, as
 ``recipes/validate.py`` does.

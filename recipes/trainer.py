@@ -63,6 +63,7 @@ from engine import (
     svb_apply_steps,
     train_one_epoch,
 )
+from options import build_parser
 from rundir import (
     RunState,
     find_checkpoint,
@@ -341,14 +342,7 @@ def build_loaders(
     (``--batch-size`` images per optimizer step in all, ``steps_per_epoch`` full batches an epoch), timm's
     ``Mixup`` and the loss it needs: ``SoftTargetCrossEntropy`` for mixed targets, else
     ``LabelSmoothingCrossEntropy`` (``--smoothing``) or cross-entropy."""
-    data_config = model_data_config(
-        model,
-        input_size=args.input_size,
-        mean=args.mean,
-        std=args.std,
-        crop_pct=args.crop_pct,
-        interpolation=args.interpolation,
-    )
+    data_config = model_data_config(model, args)
     hflip = args.hflip if args.hflip is not None else (0.0 if data.name == DIGITS else 0.5)
     aug = resolve_aug(args.aug, data_config)
     mode = "L" if data_config["input_size"][0] == 1 else "RGB"
@@ -1088,6 +1082,9 @@ def _resume_changes(record: dict[str, Any], args: dict[str, Any], run_dir: Path)
     if before is None:  # a run of an earlier version: its recipe, less the options it holds resolved
         resolved = ("hflip", "aug", "workers", "mixed_precision", "channels_last")
         before = {k: v for k, v in record.get("recipe", {}).items() if k not in resolved}
+    # a fixed option the run's version did not have yet: that run had what its default does now
+    parser = build_parser()
+    before = {**{k: parser.get_default(k) for k in RESUME_FIXED if k not in before}, **before}
     now = jsonable(args)
     changed = {
         k: [before[k], v] for k, v in now.items() if k in before and before[k] != v and k not in RESUME_QUIET

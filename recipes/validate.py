@@ -170,14 +170,7 @@ def _evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
             f"{args.model} has {model.num_classes} outputs, the data set {data.num_classes} classes "
             "(--num-classes?)"
         )
-    data_config = model_data_config(
-        model,
-        input_size=args.input_size,
-        mean=args.mean,
-        std=args.std,
-        crop_pct=args.crop_pct,
-        interpolation=args.interpolation,
-    )
+    data_config = model_data_config(model, args)
     mode = "L" if data_config["input_size"][0] == 1 else "RGB"
     dataset = TorchImageDataset(
         data.test, data.image_column, data.label_column, build_transforms(data_config, False), mode
