@@ -195,6 +195,12 @@ def copy_checkout(dest: Path) -> None:
             shutil.copy2(source, target)
 
 
+def sitecustomize(mutant: Mutant) -> str:
+    """The module that puts a ``patch`` mutant into every interpreter of its test run."""
+    body = textwrap.dedent(mutant.patch).strip()
+    return f"# mutant {mutant.name}: {mutant.breaks}\n{body}\n_MUTANT_APPLIED = True\n"
+
+
 def apply(mutant: Mutant, tree: Path) -> str | None:
     """Put the mutant into ``tree``; returns why it is stale, or None."""
     for path, old, new in mutant.edits:
@@ -204,11 +210,8 @@ def apply(mutant: Mutant, tree: Path) -> str | None:
             return f"{path}: the text to replace occurs {text.count(old)} times, not once: {old.strip()!r}"
         file.write_text(text.replace(old, new), encoding="utf-8")
     if mutant.patch:
-        body = textwrap.indent(textwrap.dedent(mutant.patch).strip(), "    ")
         (tree / "_mutant").mkdir()
-        (tree / "_mutant" / "sitecustomize.py").write_text(
-            f"# mutant {mutant.name}: {mutant.breaks}\n_MUTANT_APPLIED = True\n{body}\n", encoding="utf-8"
-        )
+        (tree / "_mutant" / "sitecustomize.py").write_text(sitecustomize(mutant), encoding="utf-8")
         # a patch naming what no longer exists must not pass for a survivor: import it once, strictly
         check = subprocess.run(
             [sys.executable, "-c", "import sitecustomize as s; assert s._MUTANT_APPLIED"],
