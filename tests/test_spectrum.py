@@ -4,8 +4,9 @@ import contextlib
 import csv
 import io
 import math
-import subprocess
+import runpy
 import sys
+import warnings
 from pathlib import Path
 
 import matplotlib.image
@@ -289,11 +290,14 @@ def test_load_model_raises_spectrum_input_error():
         load_model("definitely_not_a_model")
 
 
-def test_module_entry_point_help():
-    result = subprocess.run(
-        [sys.executable, "-m", "timm_svb.spectrum", "--help"], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("usage: timm-svb-spectrum")
+def test_module_entry_point_help(monkeypatch, capsys):
+    # `python -m timm_svb.spectrum --help`, run in process (a subprocess spends its time importing torch)
+    monkeypatch.setattr(sys, "argv", ["timm_svb.spectrum", "--help"])
+    with pytest.raises(SystemExit) as exit_info, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is already imported
+        runpy.run_module("timm_svb.spectrum", run_name="__main__")
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: timm-svb-spectrum")
     for option in ("--pretrained", "--out", "--csv", "--epsilon", "--labels", "--log-y", "local-dir:"):
-        assert option in result.stdout
+        assert option in out
