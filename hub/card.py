@@ -85,6 +85,21 @@ def _svb_section(svb_config: dict[str, Any] | None, svb_override: str | None) ->
     )
 
 
+def weights_description(weights: str, run: dict[str, Any]) -> str:
+    """Which of a run's weights are published (``best``, ``final``, ``best_ema``, ``final_ema``), in words."""
+    final = weights.startswith("final")
+    when = "after the last epoch" if final else "of the epoch with the lowest top-1 test error"
+    if not weights.endswith("_ema"):
+        return f"the trained weights {when}"
+    recipe = run.get("recipe") or {}
+    decay = recipe.get("model_ema_decay")
+    bounded = ", bounded by SVB whenever the model was" if run.get("svb_config") else ""
+    return (
+        f"the exponential moving average of the weights (timm's ModelEmaV3, `--model-ema`"
+        f"{f', decay {decay:g}' if decay is not None else ''}{bounded}) {when}"
+    )
+
+
 def _results_table(dataset: dict[str, Any], metrics: dict[str, Any], checked: dict[str, Any] | None) -> str:
     """Markdown table of the run's recorded errors and, if done, the re-evaluation of the published file."""
     split = dataset.get("test_split") or "-"
@@ -93,7 +108,7 @@ def _results_table(dataset: dict[str, Any], metrics: dict[str, Any], checked: di
         "| data set | split | top-1 error (%) | top-5 error (%) | source |",
         "|---|---|---|---|---|",
         f"| {dataset['name']} | {split} | {metrics['top1_err']:.2f} "
-        f"| {metrics['top5_err']:.2f} | training run, {metrics.get('weights', 'best')} weights "
+        f"| {metrics['top5_err']:.2f} | training run, `{metrics.get('weights', 'best')}` weights "
         f"(epoch {metrics.get('epoch', '?')}) |",
     ]
     if checked:
@@ -191,7 +206,8 @@ def build_model_card(
         f"# {repo_id.split('/')[-1]}\n\n"
         f"`{run['model']}` image classifier ({num_params / 1e6:.2f} M parameters, "
         f"{run['num_classes']} classes) "
-        f"trained on `{dataset['name']}` with the `timm-svb` recipe.\n\n"
+        f"trained on `{dataset['name']}` with the `timm-svb` recipe. `model.safetensors` holds "
+        f"{weights_description(metrics.get('weights', 'best'), run)}.\n\n"
         "## Results\n\n"
         + _results_table(dataset, metrics, checked)
         + "\n## SVB / BBN\n\n"

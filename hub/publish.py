@@ -227,40 +227,35 @@ def zoo_model(name: str, folder: Path, model: nn.Module) -> tuple[nn.Module | No
 # ------------------------------------------------------------------------------------------- evaluation
 
 
-def _recipe_module() -> Any:
-    """``recipes/train.py`` as a module (None if it is not there)."""
+def _validate_module() -> Any:
+    """``recipes/validate.py`` as a module (None if it is not there)."""
     recipes = REPO_ROOT / "recipes"
-    if not (recipes / "train.py").is_file():
+    if not (recipes / "validate.py").is_file():
         return None
     if str(recipes) not in sys.path:
         sys.path.insert(0, str(recipes))
-    import train  # noqa: PLC0415
+    import validate  # noqa: PLC0415
 
-    return train
+    return validate
 
 
 def recipe_evaluator(
     model: nn.Module, run: dict[str, Any], data_dir: Path | None = None
 ) -> dict[str, float] | None:
-    """Re-evaluate with the recipe's ``build_test_loader`` and ``evaluate`` (on a GPU when there is one);
-    None when the test data is not reachable (the recipe's ``DataError``)."""
-    train = _recipe_module()
-    if train is None:
-        _logger.warning("recipes/train.py not found: not re-evaluated")
+    """Re-evaluate ``model`` with ``recipes/validate.py`` as the run tested (its data set, preprocessing, test
+    batch, memory format and precision; on a GPU when there is one); None when the test data is not
+    reachable (the recipe's ``DataError``)."""
+    validate = _validate_module()
+    if validate is None:
+        _logger.warning("recipes/validate.py not found: not re-evaluated")
         return None
     from data import DataError  # noqa: PLC0415  (recipes/ is on sys.path now)
 
-    cuda = torch.cuda.is_available()
     try:
-        loader = train.build_test_loader(run, data_dir=data_dir, workers=4 if cuda else 0)
+        metrics = validate.evaluate_run_model(model, run, data_dir=data_dir)
     except DataError as e:
         _logger.warning("test data not reachable, not re-evaluated: %s", e)
         return None
-    device = torch.device("cuda" if cuda else "cpu")
-    try:
-        metrics = train.evaluate(model.to(device), loader)
-    finally:
-        model.to("cpu")
     return {"top1_err": float(metrics["top1_err"]), "top5_err": float(metrics["top5_err"])}
 
 
@@ -436,14 +431,17 @@ def prepare(run_dir: Path, opts: PublishOptions) -> Release:
         except RecordError as e:
             raise PublishError(f"{e}; nothing was uploaded") from e
     run = load_run(run_dir)
-    if run.get("status", "finished") != "finished" or not run["metrics"].get(opts.weights):
+    weights = "best_ema" if opts.weights == "ema" else opts.weights
+    if weights.endswith("_ema") and weights not in run["metrics"]:
+        raise PublishError(f"{run_dir}: the run kept no EMA of its weights (--model-ema); nothing published")
+    if run.get("status", "finished") != "finished" or not run["metrics"].get(weights):
         raise PublishError(
             f"{run_dir}: the run is not finished (status {run.get('status')!r}); nothing published"
         )
-    model = load_run_model(run, run_dir / f"model_{opts.weights}.safetensors")
+    model = load_run_model(run, run_dir / f"model_{weights}.safetensors")
     tag = opts.tag or default_tag(run["dataset"]["name"])
     name = f"{model.pretrained_cfg['architecture']}.{tag}"
-    recorded = {**run["metrics"][opts.weights], "weights": opts.weights}
+    recorded = {**run["metrics"][weights], "weights": weights}
     rel = Release(
         run, model, tag, name, zoo_mismatch(run, opts.repo_id, name, opts.svb_override), recorded, record
     )
@@ -607,9 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--weights",
-        choices=("best", "final"),
+        choices=("best", "final", "ema", "best_ema", "final_ema"),
         default="best",
-        help="which weights of the run to publish (default: best)",
+        help="which weights of the run to publish: best (lowest test error), final (after the last epoch), "
+        "or the model EMA's (--model-ema runs): ema = best_ema (the EMA's lowest test error), final_ema; "
+        "the card and the record say which (default: best)",
     )
     p.add_argument(
         "--tag",

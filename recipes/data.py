@@ -10,12 +10,13 @@ Sources (:func:`load_image_dataset`):
   ``imagefolder`` tree (``train/<class>/*.png``, ``test/<class>/*.png``) or a local copy of a Hub dataset
   repository (parquet files).
 
-Transforms come from timm with the model's data config: ``cifar`` (pad + random crop + flip, for inputs up to
-64 pixels) or ``inception`` (timm's random-resized-crop ImageNet pipeline) for training; timm's eval transform
-(resize by ``crop_pct`` + center crop) for testing.
+Transforms come from timm with the model's data config: ``cifar`` (pad + random crop + flip, for inputs up
+to 64 pixels) or ``inception`` (timm's random-resized-crop ImageNet pipeline) for training, followed by timm's
+auto-augment and random erasing when asked for; timm's eval transform (resize by ``crop_pct`` + center crop)
+for testing.
 
-:func:`build_test_loader` rebuilds the test loader of a finished run from its ``run.json`` (``hub/publish.py``
-re-evaluates with it).
+:func:`build_test_loader` rebuilds the test loader of a finished run from its ``run.json``
+(``recipes/validate.py`` evaluates runs with it, and through it ``hub/publish.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import create_transform
+from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
@@ -48,6 +49,8 @@ __all__ = [
     "digits_dataset",
     "load_image_dataset",
     "make_synthetic_dataset",
+    "make_train_loader",
+    "model_data_config",
 ]
 
 _logger = logging.getLogger("recipes.data")
@@ -471,6 +474,20 @@ def data_config_from_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def model_data_config(model: Any, options: Any) -> dict[str, Any]:
+    """The model's own preprocessing (timm's ``resolve_data_config`` of its pretrained cfg), each entry
+    overridden where ``options`` (the parsed arguments of ``recipes/train.py`` or ``recipes/validate.py``)
+    sets it: ``input_size``, ``mean``, ``std``, ``crop_pct``, ``interpolation``."""
+    overrides = {
+        "input_size": tuple(options.input_size) if options.input_size else None,
+        "mean": tuple(options.mean) if options.mean else None,
+        "std": tuple(options.std) if options.std else None,
+        "crop_pct": options.crop_pct,
+        "interpolation": options.interpolation,
+    }
+    return resolve_data_config(overrides, model=model)
+
+
 def resolve_aug(aug: str, data_config: dict[str, Any]) -> str:
     """``auto`` -> ``cifar`` for inputs up to 64 pixels, else ``inception``."""
     if aug != "auto":
@@ -488,51 +505,63 @@ def build_transforms(
     scale: tuple[float, float] | None = None,
     ratio: tuple[float, float] | None = None,
     color_jitter: float | None = 0.4,
+    auto_augment: str | None = None,
+    re_prob: float = 0.0,
+    re_mode: str = "pixel",
+    re_count: int = 1,
 ) -> Any:
     """timm transforms for the model's data config.
 
-    Training: ``cifar`` = resize to the input size (a no-op for CIFAR), zero-pad ``crop_padding`` pixels,
-    random crop back, horizontal flip with probability ``hflip``, normalise; ``inception`` = timm's
-    ``create_transform(is_training=True)`` (random-resized crop with ``scale``/``ratio``, flip, colour
-    jitter); ``none`` = the eval transform. Testing: ``create_transform(is_training=False)`` (resize to
-    ``input / crop_pct``, center crop).
+    Training: ``cifar`` = resize to the input size (a no-op for CIFAR), zero-pad ``crop_padding``
+    pixels, random crop back, horizontal flip with probability ``hflip``; ``inception`` = timm's
+    random-resized crop with ``scale``/``ratio``, flip and colour jitter (off under ``auto_augment``, as
+    timm does); ``none`` = the eval transform. Both then apply timm's ``auto_augment`` policy
+    (``rand-m9-mstd0.5-inc1`` = RandAugment, ``original`` / ``v0`` = AutoAugment, ``augmix-...``),
+    normalise, and erase random rectangles with probability ``re_prob`` (timm's ``RandomErasing``,
+    ``re_mode`` fill, up to ``re_count`` of them): timm's ``create_transform`` builds these, the cifar crop
+    taking the place of its random-resized crop. Testing: ``create_transform(is_training=False)`` (resize
+    to ``input / crop_pct``, center crop).
     """
-    size = tuple(data_config["input_size"][1:])
-    eval_tf = create_transform(
-        input_size=data_config["input_size"],
-        is_training=False,
-        interpolation=data_config["interpolation"],
-        mean=data_config["mean"],
-        std=data_config["std"],
-        crop_pct=data_config["crop_pct"],
-        crop_mode=data_config.get("crop_mode", "center"),
-    )
-    if not is_training:
-        return eval_tf
+    common = {
+        "input_size": data_config["input_size"],
+        "interpolation": data_config["interpolation"],
+        "mean": data_config["mean"],
+        "std": data_config["std"],
+    }
+    if not is_training or resolve_aug(aug, data_config) == "none":
+        if is_training and (auto_augment or re_prob):
+            raise ValueError("--aa / --reprob augment training images: not with --aug none")
+        return create_transform(
+            **common,
+            is_training=False,
+            crop_pct=data_config["crop_pct"],
+            crop_mode=data_config.get("crop_mode", "center"),
+        )
     aug = resolve_aug(aug, data_config)
-    if aug == "none":
-        return eval_tf
+    if aug not in ("cifar", "inception"):
+        raise ValueError(f"unknown augmentation {aug!r} (auto, cifar, inception, none)")
+    primary, secondary, final = create_transform(
+        **common,
+        is_training=True,
+        scale=scale,
+        ratio=ratio,
+        hflip=hflip,
+        color_jitter=color_jitter if aug == "inception" else None,
+        auto_augment=auto_augment,
+        re_prob=re_prob,
+        re_mode=re_mode,
+        re_count=re_count,
+        separate=True,
+    )
     if aug == "cifar":
+        size = tuple(data_config["input_size"][1:])
         steps: list[Any] = [T.Resize(size, interpolation=_interp(data_config["interpolation"]))]
         if crop_padding:
             steps.append(T.RandomCrop(size, padding=crop_padding, fill=0, padding_mode="constant"))
         if hflip > 0:
             steps.append(T.RandomHorizontalFlip(hflip))
-        steps += [T.ToTensor(), T.Normalize(data_config["mean"], data_config["std"])]
-        return T.Compose(steps)
-    if aug == "inception":
-        return create_transform(
-            input_size=data_config["input_size"],
-            is_training=True,
-            interpolation=data_config["interpolation"],
-            mean=data_config["mean"],
-            std=data_config["std"],
-            scale=scale,
-            ratio=ratio,
-            hflip=hflip,
-            color_jitter=color_jitter,
-        )
-    raise ValueError(f"unknown augmentation {aug!r} (auto, cifar, inception, none)")
+        primary = T.Compose(steps)
+    return T.Compose([*primary.transforms, *secondary.transforms, *final.transforms])
 
 
 def _interp(name: str) -> T.InterpolationMode:
@@ -636,6 +665,47 @@ class FixedLengthLoader:
                     return
             if done == before:
                 raise DataError("the streamed training split gave this process no batch")
+
+
+def make_train_loader(
+    data: ImageData,
+    transform: Any,
+    mode: str,
+    *,
+    batch_size: int,
+    steps: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    shuffle_buffer: int = 10_000,
+    **kwargs: Any,
+) -> DataLoader | FixedLengthLoader:
+    """The training loader: ``batch_size`` is the global batch.
+
+    A split in memory gives a shuffled ``DataLoader`` of global batches (``accelerator.prepare`` shares each
+    out over the processes); a streamed split gives this process's :class:`StreamingImages` in batches of
+    ``batch_size / world_size``, ``steps`` of them an epoch (:class:`FixedLengthLoader`). ``kwargs`` go to the
+    ``DataLoader`` (:func:`loader_kwargs`).
+    """
+    if not data.streamed:
+        dataset = TorchImageDataset(data.train, data.image_column, data.label_column, transform, mode)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, **kwargs)
+    # each process reads its own shards (no Accelerate dispatch) and takes exactly `steps` batches
+    stream = StreamingImages(
+        data.train,
+        data.image_column,
+        data.label_column,
+        transform,
+        mode,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        buffer_size=shuffle_buffer,
+    )
+    kwargs["persistent_workers"] = False  # workers see set_epoch
+    return FixedLengthLoader(
+        DataLoader(stream, batch_size=batch_size // world_size, drop_last=True, **kwargs), steps
+    )
 
 
 def loader_kwargs(workers: int, pin_memory: bool) -> dict[str, Any]:

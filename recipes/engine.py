@@ -1,31 +1,41 @@
-"""The training engine: learning-rate schedules, the SVB plugin's schedule, one training epoch, evaluation.
+"""The training engine: learning-rate schedules, parameter groups, the SVB plugin's schedule, the model EMA
+(bounded by SVB with the model), freezing a backbone, one training epoch, evaluation.
 
-:func:`evaluate` is public: ``hub/publish.py`` re-evaluates published weights with it.
+:func:`evaluate` is public: ``recipes/validate.py`` (and through it ``hub/publish.py``) evaluates with it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
+from timm.utils import ModelEmaV3
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 
 from timm_svb import SVB, SVBStats
 
 __all__ = [
+    "BoundedEMA",
     "RecordingSVB",
     "RecipeLR",
     "TrainStats",
     "evaluate",
+    "freeze_backbone",
+    "frozen_layer_names",
     "lr_at_epoch",
+    "param_groups",
     "parse_svb_every",
     "svb_apply_steps",
     "train_one_epoch",
@@ -77,9 +87,10 @@ def lr_at_epoch(
 class RecipeLR(LRScheduler):
     """:func:`lr_at_epoch` at ``step / steps_per_epoch``, stepped after every optimizer step.
 
-    Warm-up therefore rises every step; the schedule after it changes at epoch boundaries. All parameter
-    groups get the same rate. ``state_dict`` holds the step count only: a resumed run takes the schedule's
-    settings (``--epochs``, ``--lr``, ...) from its command line, as the rest of the recipe does.
+    Warm-up therefore rises every step; the schedule after it changes at epoch boundaries. Every parameter
+    group gets the rate times its ``lr_scale`` (1 when absent; timm's convention, see :func:`param_groups`).
+    ``state_dict`` holds the step count only: a resumed run takes the schedule's settings (``--epochs``,
+    ``--lr``, ...) from its command line, as the rest of the recipe does.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, **schedule: Any) -> None:
@@ -90,9 +101,14 @@ class RecipeLR(LRScheduler):
         lr_at_epoch(0, **schedule)  # validate
         super().__init__(optimizer)
 
+    @property
+    def base_lr(self) -> float:
+        """The schedule's rate now (a group's rate is this times its ``lr_scale``)."""
+        return lr_at_epoch(max(self.last_epoch, 0) / self.steps_per_epoch, **self.schedule)
+
     def get_lr(self) -> list[float]:
-        lr = lr_at_epoch(max(self.last_epoch, 0) / self.steps_per_epoch, **self.schedule)
-        return [lr for _ in self.optimizer.param_groups]
+        lr = self.base_lr
+        return [lr * group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, int]:
         return {"step": self.last_epoch}
@@ -105,6 +121,57 @@ class RecipeLR(LRScheduler):
         self._last_lr = self.get_lr()
         for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
             group["lr"] = lr
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, *, filter_bias_and_bn: bool = False, head_lr_scale: float = 1.0
+) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups of ``model``'s trainable parameters.
+
+    ``filter_bias_and_bn``: no weight decay on 1-D parameters (BN scales and shifts, biases), timm's
+    ``param_groups_weight_decay``; otherwise one group decays everything (the paper's recipe). A
+    ``head_lr_scale`` other than 1 puts the classifier's parameters (``model.get_classifier()``) in groups of
+    their own with ``lr_scale`` (:class:`RecipeLR` multiplies the rate by it). Frozen parameters are left out.
+    """
+    groups = param_groups_weight_decay(model, weight_decay, weight_decay_exclude_1d=filter_bias_and_bn)
+    if head_lr_scale != 1.0:
+        head = {id(p) for p in model.get_classifier().parameters()}
+        split = []
+        for group in groups:
+            body = [p for p in group["params"] if id(p) not in head]
+            top = [p for p in group["params"] if id(p) in head]
+            split += [{**group, "params": body}, {**group, "params": top, "lr_scale": head_lr_scale}]
+        groups = split
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError(f"{type(model).__name__} has no trainable parameter")
+    return groups
+
+
+def freeze_backbone(model: nn.Module) -> list[nn.Module]:
+    """Freeze every parameter of ``model`` but the classifier's (``model.get_classifier()``): linear probing.
+
+    Returns the backbone's BatchNorm layers, which :func:`train_one_epoch` keeps in eval mode: their running
+    statistics are part of the frozen features (as in MoCo's linear classification protocol).
+    """
+    head = model.get_classifier()
+    head_params = {id(p) for p in head.parameters()}
+    if not head_params:
+        raise ValueError(f"{type(model).__name__} has no classifier parameters to train (num_classes=0?)")
+    for p in model.parameters():
+        p.requires_grad_(id(p) in head_params)
+    in_head = {id(m) for m in head.modules()}
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and id(m) not in in_head]
+
+
+def frozen_layer_names(model: nn.Module) -> list[str]:
+    """Glob patterns (``fnmatch``-escaped names) of the modules whose ``weight`` is a frozen parameter: the
+    layers SVB must leave alone (bounding would change weights that training does not)."""
+    return [
+        re.sub(r"([*?[])", r"[\1]", name)
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "weight", None), nn.Parameter) and not module.weight.requires_grad
+    ]
 
 
 # ---------------------------------------------------------------------------------------- SVB schedule
@@ -156,6 +223,53 @@ class RecordingSVB(SVB):
         return stats
 
 
+class BoundedEMA:
+    """timm's ``ModelEmaV3`` of a model, bounded by SVB whenever the model's SVB bounds.
+
+    An average of bounded matrices is not bounded: the singular values of ``(1 - d) W_t + d W_ema`` can leave
+    the band ``[1/(1+eps), 1+eps]`` that each term lies in. So after an EMA update that follows a bounding of
+    the model (``model_svb.num_applied`` moved), ``svb`` (an :class:`SVB` of the EMA copy, with the model
+    SVB's settings and layer selection) bounds the copy too. Under DDP :meth:`update` runs on every process,
+    and with it the collective ``svb.apply()``. ``state_dict`` is checkpointed with the run.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float,
+        *,
+        warmup: bool = False,
+        model_svb: SVB | None = None,
+        svb: Callable[[nn.Module], RecordingSVB] | None = None,
+    ) -> None:
+        self.model = model
+        self.ema = ModelEmaV3(model, decay=decay, use_warmup=warmup)
+        self.model_svb = model_svb
+        self.svb = svb(self.ema.module) if model_svb is not None and svb is not None else None
+        self.seen = model_svb.num_applied if model_svb is not None else 0  # the model's boundings seen
+        self.num_applied = 0  # boundings of the EMA copy
+
+    @property
+    def module(self) -> nn.Module:
+        """The averaged model (eval mode)."""
+        return self.ema.module
+
+    def update(self, step: int) -> None:
+        """Average the model in after optimizer step ``step`` (1-based); bound if the model was bounded."""
+        self.ema.update(self.model, step=step)
+        if self.svb is not None and self.model_svb.num_applied != self.seen:
+            self.seen = self.model_svb.num_applied
+            self.svb.apply()
+            self.num_applied += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict(), "seen": self.seen, "num_applied": self.num_applied}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema.load_state_dict(state["ema"])
+        self.seen, self.num_applied = int(state["seen"]), int(state["num_applied"])
+
+
 # ------------------------------------------------------------------------------------------- training
 
 
@@ -168,6 +282,7 @@ class TrainStats:
     images: int
     seconds: float
     images_per_s: float
+    top1_err: float | None = None  # on the augmented training batches; None with mixed (soft) targets
     extra: dict[str, float] = field(default_factory=dict)
 
 
@@ -180,7 +295,11 @@ def train_one_epoch(
     scheduler: Any = None,
     epoch: int = 0,
     grad_accum_steps: int = 1,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     smoothing: float = 0.0,
+    mixup_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ema: BoundedEMA | None = None,
+    eval_modules: Sequence[nn.Module] = (),
     clip_grad: float | None = None,
     channels_last: bool = False,
     progress: bool = True,
@@ -188,19 +307,28 @@ def train_one_epoch(
 ) -> TrainStats:
     """One epoch of SGD with Accelerate; the SVB plugin (if attached to ``optimizer``) runs in its step hook.
 
-    Every loader batch is one optimizer step, after which ``scheduler`` (if given) is stepped: with
-    ``grad_accum_steps = k`` it is cut into ``k`` micro-batches whose gradients are accumulated
-    (``accelerator.accumulate``, which skips DDP's gradient all-reduce until the last one; the accelerator
-    must be built with ``GradientAccumulationPlugin(num_steps=k, sync_with_dataloader=False)``), so the step
-    equals the un-accumulated one. The loss is synchronised only every ``log_interval`` steps (progress bar)
-    and at the end. Batches of a loader not prepared by ``accelerator`` (a streamed split) are moved to its
-    device here.
+    Every loader batch is one optimizer step, after which ``ema`` (if given) averages the model in and
+    ``scheduler`` (if given) is stepped: with ``grad_accum_steps = k`` the batch is cut into ``k``
+    micro-batches whose gradients are accumulated (``accelerator.accumulate``, which skips DDP's gradient
+    all-reduce until the last one; the accelerator must be built with
+    ``GradientAccumulationPlugin(num_steps=k, sync_with_dataloader=False)``), so the step equals the
+    un-accumulated one. ``mixup_fn`` (timm's ``Mixup``) mixes each whole batch first, making the targets soft
+    (``loss_fn`` must take them: ``SoftTargetCrossEntropy``); the default loss is cross-entropy with
+    ``smoothing``. ``eval_modules`` stay in eval mode (a frozen backbone's BN layers). The loss is
+    synchronised only every ``log_interval`` steps (progress bar) and at the end; the training top-1 error is
+    counted on hard targets only. Batches of a loader not prepared by ``accelerator`` (a streamed split) are
+    moved to its device here.
     """
     model.train()
+    for module in eval_modules:
+        module.eval()
+    loss_fn = loss_fn or functools.partial(F.cross_entropy, label_smoothing=smoothing)
     device = accelerator.device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    hits = torch.zeros((), device=device, dtype=torch.int64)
     chunks_done = 0
     steps = images = 0
+    hard_targets = mixup_fn is None
     total = len(loader) if hasattr(loader, "__len__") else None
     bar = tqdm(
         total=total,
@@ -213,6 +341,8 @@ def train_one_epoch(
     for x, y in loader:
         if x.device != device:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            x, y = mixup_fn(x, y)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         pairs = (
@@ -223,17 +353,21 @@ def train_one_epoch(
         for xc, yc in pairs:
             with accelerator.accumulate(model):
                 logits = model(xc)
-                loss = F.cross_entropy(logits.float(), yc, label_smoothing=smoothing)
+                loss = loss_fn(logits.float(), yc)
                 accelerator.backward(loss)
                 if clip_grad and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), clip_grad)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
+            if hard_targets:
+                hits += (logits.detach().argmax(dim=1) == yc).sum()
             chunks_done += 1
+        steps += 1
+        if ema is not None:
+            ema.update(step=epoch * (total or 0) + steps)
         if scheduler is not None:
             scheduler.step()
-        steps += 1
         images += x.shape[0]
         if not bar.disable:
             bar.update(1)
@@ -242,6 +376,10 @@ def train_one_epoch(
     seconds = time.perf_counter() - start
     bar.close()
     mean_loss = accelerator.reduce(loss_sum / max(chunks_done, 1), reduction="mean")
+    top1_err = None
+    if hard_targets:
+        correct = int(accelerator.reduce(hits, reduction="sum"))
+        top1_err = 100.0 * (1 - correct / max(images * accelerator.num_processes, 1))
     images *= accelerator.num_processes
     return TrainStats(
         loss=float(mean_loss),
@@ -249,6 +387,7 @@ def train_one_epoch(
         images=images,
         seconds=seconds,
         images_per_s=images / seconds if seconds > 0 else float("nan"),
+        top1_err=top1_err,
     )
 
 
@@ -262,17 +401,28 @@ def evaluate(
     accelerator: Any = None,
     *,
     channels_last: bool = False,
+    mixed_precision: str | None = None,
 ) -> dict[str, float]:
     """Top-1 / top-5 error (percent, as the paper reports them) and mean cross-entropy on ``loader``.
 
     Without ``accelerator`` the batches are moved to the model's device; with one, ``loader`` must be prepared
     by it and the predictions of all processes are gathered (``gather_for_metrics`` drops the padding of the
-    last batch), so every process returns the metrics of the whole split. Top-5 is top-``min(5, classes)``.
+    last batch), so every process returns the metrics of the whole split; the forward pass runs in its
+    autocast (a model it did not prepare, such as the EMA copy, gets the same precision as the prepared
+    one); without, in torch's autocast of ``mixed_precision`` (``bf16``, ``fp16``; None or ``no``: none).
+    Top-5 is top-``min(5, classes)``.
     Returns ``{"top1_err", "top5_err", "loss", "num_images"}``; the model's train/eval mode is restored.
     """
     was_training = model.training
     model.eval()
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    if accelerator is not None:
+        autocast = accelerator.autocast
+    elif mixed_precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+        autocast = functools.partial(torch.autocast, device.type, dtype=dtype)
+    else:
+        autocast = contextlib.nullcontext
     correct1 = correct5 = total = 0
     loss_sum = 0.0
     for x, y in loader:
@@ -280,7 +430,8 @@ def evaluate(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = model(x).float()
+        with autocast():
+            logits = model(x).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         losses = F.cross_entropy(logits, y, reduction="none")
         if accelerator is not None:

@@ -140,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--crop-pct", type=float, default=None, help="test-time center crop fraction")
     group.add_argument("--interpolation", default=None, help="resize interpolation (bilinear, bicubic, ...)")
 
-    group = parser.add_argument_group("Augmentation")
+    group = parser.add_argument_group(
+        "Augmentation and regularization",
+        "timm's train.py options, through timm's own transforms, Mixup and losses",
+    )
     group.add_argument(
         "--aug",
         default="auto",
@@ -164,7 +167,53 @@ def build_parser() -> argparse.ArgumentParser:
         "--ratio", type=float, nargs=2, default=None, help="inception crop aspect range (3/4 4/3)"
     )
     group.add_argument("--color-jitter", type=float, default=0.4, help="inception colour jitter")
-    group.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
+    group.add_argument(
+        "--aa",
+        default=None,
+        metavar="NAME",
+        help="timm's auto-augment policy after the crop and flip: rand-m9-mstd0.5-inc1 (RandAugment), "
+        "original / v0 (AutoAugment), augmix-m5-w4-d2 (AugMix); turns the inception colour jitter off",
+    )
+    group.add_argument(
+        "--reprob", type=float, default=0.0, metavar="PCT", help="random erasing probability (timm's)"
+    )
+    group.add_argument(
+        "--remode",
+        default="pixel",
+        choices=("pixel", "rand", "const"),
+        help="random erasing fill: per-pixel normal noise, per-channel noise, or zeros",
+    )
+    group.add_argument("--recount", type=int, default=1, help="random erasing: up to this many rectangles")
+    group.add_argument(
+        "--mixup",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="mixup alpha, on when > 0 (timm's Mixup: soft targets, SoftTargetCrossEntropy; training "
+        "error is then not reported)",
+    )
+    group.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="cutmix alpha, on when > 0")
+    group.add_argument(
+        "--mixup-prob", type=float, default=1.0, help="probability of mixing a batch (mixup or cutmix)"
+    )
+    group.add_argument(
+        "--mixup-switch-prob",
+        type=float,
+        default=0.5,
+        help="probability of cutmix instead of mixup when both are on",
+    )
+    group.add_argument(
+        "--mixup-mode",
+        default="batch",
+        choices=("batch", "pair", "elem"),
+        help="one mixing per batch, per pair of images or per image",
+    )
+    group.add_argument(
+        "--smoothing",
+        type=float,
+        default=0.0,
+        help="label smoothing (timm's LabelSmoothingCrossEntropy; with --mixup, in the mixed targets)",
+    )
 
     group = parser.add_argument_group("Optimizer and schedule")
     group.add_argument(
@@ -218,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--weight-decay",
         type=float,
         default=1e-4,
-        help="weight decay, on all parameters (BN and biases too, as the reference)",
+        help="weight decay, on all parameters (BN and biases too, as the reference) unless "
+        "--filter-bias-and-bn",
     )
     group.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this")
     group.add_argument("--epochs", type=int, default=4, help="epochs to train (the paper: 160)")
@@ -236,6 +286,49 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="cut every batch into this many micro-batches whose gradients are accumulated",
+    )
+
+    group = parser.add_argument_group(
+        "Fine-tuning",
+        "A run fine-tunes when it starts from trained weights: --pretrained or --initial-checkpoint",
+    )
+    group.add_argument(
+        "--filter-bias-and-bn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="no weight decay on BN scales and shifts and on biases (timm's filter_bias_and_bn: every 1-D "
+        "parameter). Default: on when fine-tuning, off otherwise (the paper decays all parameters)",
+    )
+    group.add_argument(
+        "--head-lr-scale",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="learning rate of the classifier (model.get_classifier()) = S x the schedule's; e.g. 10 for a "
+        "new head on pretrained features",
+    )
+    group.add_argument(
+        "--freeze-backbone",
+        action="store_true",
+        help="linear probing: train the classifier only. The backbone's parameters get no gradient, its BN "
+        "layers stay in eval mode (running statistics fixed) and SVB/BBN leave its layers alone",
+    )
+
+    group = parser.add_argument_group("Model EMA", "timm's ModelEmaV3, evaluated and saved beside the model")
+    group.add_argument(
+        "--model-ema",
+        action="store_true",
+        help="keep an exponential moving average of the weights (and BN statistics), updated after every "
+        "optimizer step; with SVB, the average is bounded whenever the model is. Saved as "
+        "model_{best,final}_ema.safetensors",
+    )
+    group.add_argument(
+        "--model-ema-decay", type=float, default=0.9998, help="EMA decay per optimizer step (timm's default)"
+    )
+    group.add_argument(
+        "--model-ema-warmup",
+        action="store_true",
+        help="ramp the decay up from 0 over the first steps (timm's warm-up: 1 - (1 + step)^-2/3)",
     )
 
     group = parser.add_argument_group("SVB / BBN")
@@ -364,6 +457,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="Accelerate trackers: auto (tensorboard when installed), none, or names (tensorboard,wandb,...)",
     )
+    group.add_argument(
+        "--experiment",
+        default="timm-svb",
+        metavar="NAME",
+        help="tracker project (Accelerate's init_trackers project: the W&B / MLflow / trackio project; "
+        "TensorBoard logs go to RUN/NAME)",
+    )
+    group.add_argument(
+        "--run-name",
+        default=None,
+        metavar="NAME",
+        help="the run's name in trackers that name runs (W&B, MLflow, trackio, ClearML), and the run folder "
+        "runs/NAME when --output is not given (default: the run folder's name, runs/<timestamp>-<model>)",
+    )
     group.add_argument("--log-interval", type=int, default=50, help="steps between progress-bar loss updates")
     group.add_argument(
         "--spectrum-every",
@@ -375,6 +482,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars (main process)"
+    )
+
+    group = parser.add_argument_group("Evaluation")
+    group.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="do not train: evaluate the model that --model / --pretrained / --initial-checkpoint build on "
+        "the test split with the model's own preprocessing, print top-1 / top-5 error and write "
+        "validate.json into --output (as recipes/validate.py)",
     )
     return parser
 

@@ -5,7 +5,9 @@ Layout (``hub/publish.py`` reads ``run.json`` and ``model_{best,final}.safetenso
     RUN/run.json                  model, model_kwargs, num_classes, svb_config, dataset, recipe, metrics, ...
     RUN/model_best.safetensors    lowest top-1 test error so far
     RUN/model_final.safetensors   after the last epoch
+    RUN/model_{best,final}_ema.safetensors   the same of the model EMA (--model-ema)
     RUN/summary.csv               one row per epoch
+    RUN/curves.png                train loss and test error per epoch, SVB applications marked
     RUN/args.yaml                 the resolved configuration (a valid --config)
     RUN/checkpoints/epoch_NNNN/   accelerate states (model, optimizer, scheduler, RNG, SVB, run state)
 
@@ -31,11 +33,14 @@ from torch import nn
 __all__ = [
     "CHECKPOINTS",
     "RunState",
+    "SUMMARY_FIELDS",
+    "WEIGHTS",
     "atomic_write_text",
     "find_checkpoint",
     "jsonable",
     "list_checkpoints",
     "load_plain_weights",
+    "metrics_of",
     "plain_state_dict",
     "save_checkpoint",
     "save_weights",
@@ -48,6 +53,7 @@ SUMMARY_FIELDS = (
     "epoch",
     "lr",
     "train_loss",
+    "train_top1_err",
     "test_loss",
     "top1_err",
     "top5_err",
@@ -60,34 +66,69 @@ SUMMARY_FIELDS = (
     "svb_sv_max",
     "bbn_clipped",
     "svb_s",
+    "ema_test_loss",
+    "ema_top1_err",
+    "ema_top5_err",
+    "ema_svb_clipped",
+    "ema_svb_sv_min",
+    "ema_svb_sv_max",
 )
+# The weights a run saves (model_NAME.safetensors) and the summary.csv prefix of their test errors.
+WEIGHTS = {"best": "", "final": "", "best_ema": "ema_", "final_ema": "ema_"}
 
 
 class RunState:
-    """Progress of the run saved in every checkpoint: completed epochs, per-epoch metrics, best epoch."""
+    """Progress of the run saved in every checkpoint: completed epochs, per-epoch metrics, best epochs (of the
+    model and, with ``--model-ema``, of its EMA)."""
 
     def __init__(self) -> None:
         self.epoch = 0  # completed epochs
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
+        self.best_ema: dict[str, Any] | None = None
 
-    def record(self, row: dict[str, Any]) -> bool:
-        """Add an epoch's row; True when it is the new best (lowest top-1, then top-5 error)."""
+    def record(self, row: dict[str, Any]) -> list[str]:
+        """Add an epoch's row; returns the weights it is the new best of (lowest top-1, then top-5 error):
+        ``best`` (the model's errors), ``best_ema`` (the EMA's, ``ema_top1_err``/``ema_top5_err``)."""
         self.history.append(row)
         self.epoch = row["epoch"]
-        key = (row["top1_err"], row["top5_err"])
-        if self.best is None or key < (self.best["top1_err"], self.best["top5_err"]):
-            self.best = {k: row[k] for k in ("epoch", "top1_err", "top5_err")}
-            return True
-        return False
+        new = []
+        for name in ("best", "best_ema"):
+            key = metrics_of(row, name)
+            if key is None:
+                continue
+            best = getattr(self, name)
+            if best is None or (key["top1_err"], key["top5_err"]) < (best["top1_err"], best["top5_err"]):
+                setattr(self, name, key)
+                new.append(name)
+        return new
+
+    def metrics(self) -> dict[str, dict[str, Any] | None]:
+        """``run.json``'s ``metrics``: epoch, top-1 and top-5 test error of each kind of saved weights (the
+        EMA's only when there is one)."""
+        final = self.history[-1] if self.history else None
+        metrics = {"best": self.best, "final": metrics_of(final, "final") if final else None}
+        if self.best_ema is not None:
+            metrics.update(best_ema=self.best_ema, final_ema=metrics_of(final, "final_ema"))
+        return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "history": self.history, "best": self.best}
+        return {"epoch": self.epoch, "history": self.history, "best": self.best, "best_ema": self.best_ema}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.best = state["best"]
+        self.best_ema = state.get("best_ema")  # checkpoints of earlier versions have none
+
+
+def metrics_of(row: dict[str, Any], weights: str) -> dict[str, Any] | None:
+    """``{"epoch", "top1_err", "top5_err"}`` of ``weights`` (a key of :data:`WEIGHTS`) in a summary row; None
+    when the row has none (no EMA)."""
+    prefix = WEIGHTS[weights]
+    if row.get(f"{prefix}top1_err") is None:
+        return None
+    return {"epoch": row["epoch"], "top1_err": row[f"{prefix}top1_err"], "top5_err": row[f"{prefix}top5_err"]}
 
 
 def atomic_write_text(path: Path, text: str) -> None:

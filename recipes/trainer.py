@@ -1,7 +1,24 @@
-"""The recipe's run: build everything from the parsed arguments, train, test every epoch, save, resume."""
+"""The recipe's run, in stages that :func:`fit` calls top to bottom (as Accelerate's complete_cv_example.py):
+
+1. :func:`setup_run`: the processes, the ``Accelerator``, the run folder, what a resumed run recorded, seeds;
+2. :func:`load_data`: the data set and the number of classes;
+3. :func:`build_model`: ``timm.create_model``, initial weights, SyncBatchNorm, a frozen backbone, memory
+   format;
+4. :func:`build_loaders`: the model's preprocessing, the training augmentation, the loaders, mixup and the
+   loss;
+5. :func:`build_optimizer`: parameter groups, optimizer, learning-rate schedule, the SVB plugin;
+6. :func:`prepare`: ``accelerator.prepare``, the model EMA, what a checkpoint holds, resuming;
+7. :func:`start_record`: ``run.json``, ``args.yaml`` and the trackers;
+8. :func:`train_epochs`: every epoch trains, tests the model (and its EMA), records, checkpoints and logs;
+9. :func:`finish`: the final weights and plots, the closing lines.
+
+Each stage takes the parsed options and what earlier stages built, and returns what later ones use; where a
+setting takes effect is the stage that reads it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,14 +43,27 @@ from data import (
     DIGITS,
     FixedLengthLoader,
     ImageData,
-    StreamingImages,
     TorchImageDataset,
     build_transforms,
     load_image_dataset,
     loader_kwargs,
+    make_train_loader,
+    model_data_config,
     resolve_aug,
 )
-from engine import RecipeLR, RecordingSVB, evaluate, parse_svb_every, svb_apply_steps, train_one_epoch
+from engine import (
+    BoundedEMA,
+    RecipeLR,
+    RecordingSVB,
+    evaluate,
+    freeze_backbone,
+    frozen_layer_names,
+    param_groups,
+    parse_svb_every,
+    svb_apply_steps,
+    train_one_epoch,
+)
+from options import build_parser
 from rundir import (
     RunState,
     find_checkpoint,
@@ -45,11 +75,14 @@ from rundir import (
     write_run_json,
     write_summary,
 )
-from timm.data import resolve_data_config
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.utils.data import DataLoader
 
 import timm_svb
+from timm_svb.curves import plot_curves
 from timm_svb.spectrum import model_spectrum, plot_spectra, spectrum_summary
 
 __all__ = ["TrainResult", "fit", "make_accelerator"]
@@ -66,6 +99,11 @@ RESUME_FIXED = (
     "batch_size",
     "seed",
     "streaming",
+    # ... and the optimizer's parameter groups and what the checkpoint holds
+    "filter_bias_and_bn",
+    "head_lr_scale",
+    "freeze_backbone",
+    "model_ema",
 )
 # Options that do not change what is trained: not reported when they differ on resume.
 RESUME_QUIET = (
@@ -78,7 +116,11 @@ RESUME_QUIET = (
     "log_with",
     "checkpoint_hist",
     "spectrum_every",
+    "experiment",
+    "run_name",
 )
+# Where trackers that name runs take --run-name (Accelerate passes init_kwargs[tracker] to each).
+RUN_NAME_KWARGS = {"wandb": "name", "mlflow": "run_name", "trackio": "name", "clearml": "task_name"}
 # BN and BBN statistics from fewer images per process than this get a warning (and a pointer to --sync-bn).
 MIN_BN_BATCH = 32
 
@@ -95,6 +137,834 @@ class TrainResult:
     start_epoch: int = 0  # epochs completed before this invocation (a resumed run's checkpoint)
     svb_steps: list[int] = field(default_factory=list)  # steps of the whole run after which SVB bounds
     run: dict[str, Any] = field(default_factory=dict)
+    ema: BoundedEMA | None = None  # --model-ema
+
+
+# ------------------------------------------------------------------------------------------------- fit
+
+
+def fit(args: Any) -> TrainResult:
+    """Train as ``args`` (from :func:`options.parse_args`) says; see ``recipes/train.py --help``."""
+    given = dict(vars(args))  # as parsed, before anything is resolved: recorded, and compared on resume
+    setup = setup_run(args, given)
+    data, num_classes = load_data(args, setup.accelerator)
+    model, model_kwargs, frozen_bn = build_model(args, setup.accelerator, num_classes)
+    loaders = build_loaders(args, setup.accelerator, data, model, num_classes)
+    optim = build_optimizer(args, model, loaders.steps_per_epoch, setup)
+    run = prepare(args, setup, model, loaders, optim, frozen_bn)
+    record = start_record(args, given, setup, data, model_kwargs, loaders, optim, run)
+    train_epochs(args, setup.accelerator, run, optim.svb, record)
+    return finish(args, setup.accelerator, run, optim.svb, record)
+
+
+# ------------------------------------------------------------------------------ 1. processes, run folder
+
+
+@dataclass
+class RunSetup:
+    """The Accelerator and the run folder; for a resumed run, its checkpoint and record."""
+
+    accelerator: Accelerator
+    run_dir: Path
+    resume_from: Path | None  # the checkpoint to continue from; None for a new run
+    previous: dict[str, Any]  # the resumed run's run.json ({} for a new run)
+    changed: dict[str, list[Any]]  # options a resumed run changes: {name: [run's, now]}
+
+
+def setup_run(args: Any, given: dict[str, Any]) -> RunSetup:
+    """Start the processes and the ``Accelerator``, find the run folder (and the checkpoint to resume), seed.
+
+    Settings that can only be refused here (the global batch against the processes, ``--sync-bn`` on CPUs, a
+    resumed run's fixed options) are refused before any process waits for another.
+    """
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # torchrun / accelerate launch on machines without an accelerator: gloo on the CPU
+    cpu = args.cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available())
+    state = PartialState(cpu=cpu)
+    _setup_logging(state.is_main_process)
+    run_dir, resume_from = _run_dir(args, state)
+    record = run_dir / "run.json"
+    previous = json.loads(record.read_text(encoding="utf-8")) if resume_from and record.is_file() else {}
+    changed = _resume_changes(previous, given, run_dir) if previous else {}
+    state.wait_for_everyone()  # every process has looked at the run folder before the main one writes to it
+
+    if args.batch_size % (state.num_processes * args.grad_accum_steps):
+        raise SystemExit(
+            f"--batch-size {args.batch_size} (global) must be a multiple of processes x --grad-accum-steps "
+            f"= {state.num_processes} x {args.grad_accum_steps}"
+        )
+    if args.sync_bn and state.num_processes > 1 and state.device.type == "cpu":
+        raise SystemExit("--sync-bn needs GPUs (torch's SyncBatchNorm has no CPU implementation); drop it")
+    accelerator = make_accelerator(
+        cpu=cpu,
+        mixed_precision=args.mixed_precision,
+        grad_accum_steps=args.grad_accum_steps,
+        seed=args.seed,
+        compile=args.compile,
+        log_with=_trackers(args.log_with),
+        project_dir=run_dir,
+    )
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    # seed + rank, as timm's train.py: every process draws its own crops and flips; the loaders' shuffle is
+    # seeded apart (data_seed / the stream's seed), the same on every process; DDP copies rank 0's init
+    set_seed(args.seed, device_specific=True)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    _logger.info(
+        "%s, %d process(es), mixed precision %s, run folder %s",
+        accelerator.device,
+        accelerator.num_processes,
+        accelerator.mixed_precision,
+        run_dir,
+    )
+    return RunSetup(accelerator, run_dir, resume_from, previous, changed)
+
+
+# ---------------------------------------------------------------------------------------------- 2. data
+
+
+def load_data(args: Any, accelerator: Accelerator) -> tuple[ImageData, int]:
+    """The data set (its training split streamed with ``--streaming``) and the classifier's outputs."""
+    with accelerator.local_main_process_first():  # one download / cache per node
+        data = load_image_dataset(
+            args.dataset,
+            args.data_dir,
+            train_split=args.train_split,
+            val_split=args.val_split,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            streaming=args.streaming,
+        )
+    num_classes = args.num_classes or data.num_classes
+    if num_classes < data.num_classes:
+        raise SystemExit(f"--num-classes {num_classes} < the data set's {data.num_classes} classes")
+    _logger.info(
+        "data %s: %d train (%s%s), %d test (%s) images, %d classes",
+        data.name,
+        data.num_train,
+        data.train_split,
+        ", streamed" if data.streamed else "",
+        len(data.test),
+        data.test_split,
+        data.num_classes,
+    )
+    return data, num_classes
+
+
+# --------------------------------------------------------------------------------------------- 3. model
+
+
+def build_model(
+    args: Any, accelerator: Accelerator, num_classes: int
+) -> tuple[nn.Module, dict[str, Any], list[nn.Module]]:
+    """``timm.create_model`` with its kwargs (recorded in ``run.json``), initialised or loaded, SyncBN when
+    asked for, the backbone frozen for ``--freeze-backbone``, in the memory format of the run. Returns the
+    model, its kwargs and the frozen backbone's BN layers (kept in eval mode while training)."""
+    model_kwargs = _model_kwargs(args, num_classes)
+    with accelerator.local_main_process_first():
+        model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
+    if args.init == "orthogonal" and not args.pretrained:
+        timm_svb.orthogonal_init_(model)
+    if args.initial_checkpoint:
+        load_initial_checkpoint(model, args.initial_checkpoint)
+    if args.sync_bn and accelerator.num_processes > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    else:
+        _warn_small_bn_batch(args, accelerator, model)
+    frozen_bn = freeze_backbone(model) if args.freeze_backbone else []
+    if _channels_last(args, accelerator):
+        model = model.to(memory_format=torch.channels_last)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _logger.info(
+        "model %s: %.2fM parameters%s",
+        args.model,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        f", {trainable / 1e6:.4f}M trained (--freeze-backbone)" if args.freeze_backbone else "",
+    )
+    return model, model_kwargs, frozen_bn
+
+
+def _channels_last(args: Any, accelerator: Accelerator) -> bool:
+    """``--channels-last``, by default on for CPU training (oneDNN runs it faster)."""
+    return accelerator.device.type == "cpu" if args.channels_last is None else args.channels_last
+
+
+def _warn_small_bn_batch(args: Any, accelerator: Accelerator, model: nn.Module) -> None:
+    bn_batch = args.batch_size // (accelerator.num_processes * args.grad_accum_steps)
+    if (
+        bn_batch >= MIN_BN_BATCH
+        or not accelerator.is_main_process
+        or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    ):
+        return
+    _logger.warning(
+        "BN%s statistics come from %d images per process (--batch-size %d / (%d process(es) x %d "
+        "accumulation steps)), fewer than %d: expect noisier training%s",
+        " and BBN" if not args.no_bbn else "",
+        bn_batch,
+        args.batch_size,
+        accelerator.num_processes,
+        args.grad_accum_steps,
+        MIN_BN_BATCH,
+        "; --sync-bn computes them over all processes"
+        if accelerator.num_processes > 1 and accelerator.device.type != "cpu"
+        else "",
+    )
+
+
+# ------------------------------------------------------------------------------------------- 4. loaders
+
+
+@dataclass
+class Loaders:
+    """The training and test loaders, the preprocessing they apply, and what a training batch goes through
+    next: mixup / cutmix and the loss."""
+
+    train: Any  # a DataLoader, or a FixedLengthLoader over a stream
+    test: DataLoader
+    steps_per_epoch: int
+    data_config: dict[str, Any]  # timm's data config of the model (input size, mean, std, crop)
+    resolved: dict[str, Any]  # defaults resolved here, recorded in run.json's recipe (hflip, aug, workers)
+    mixup_fn: Mixup | None  # timm's Mixup (soft targets), None without --mixup / --cutmix
+    loss_fn: nn.Module  # the training loss (testing uses plain cross-entropy)
+
+
+def build_loaders(
+    args: Any, accelerator: Accelerator, data: ImageData, model: nn.Module, num_classes: int
+) -> Loaders:
+    """The model's data config (timm's ``resolve_data_config``, overridden by ``--input-size`` & co.), the
+    training augmentation (crop and flip, ``--aa``, ``--reprob``) and the test transform, their loaders
+    (``--batch-size`` images per optimizer step in all, ``steps_per_epoch`` full batches an epoch), timm's
+    ``Mixup`` and the loss it needs: ``SoftTargetCrossEntropy`` for mixed targets, else
+    ``LabelSmoothingCrossEntropy`` (``--smoothing``) or cross-entropy."""
+    data_config = model_data_config(model, args)
+    hflip = args.hflip if args.hflip is not None else (0.0 if data.name == DIGITS else 0.5)
+    aug = resolve_aug(args.aug, data_config)
+    mode = "L" if data_config["input_size"][0] == 1 else "RGB"
+    train_tf = build_transforms(
+        data_config,
+        True,
+        aug=aug,
+        hflip=hflip,
+        crop_padding=args.crop_padding,
+        scale=tuple(args.scale) if args.scale else None,
+        ratio=tuple(args.ratio) if args.ratio else None,
+        color_jitter=args.color_jitter,
+        auto_augment=args.aa,
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        re_count=args.recount,
+    )
+    test_tf = build_transforms(data_config, False)
+    workers = args.workers if args.workers is not None else _default_workers(accelerator)
+    pin = accelerator.device.type == "cuda"
+    steps_per_epoch = data.num_train // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(
+            f"--batch-size {args.batch_size} is larger than the {data.num_train} training images"
+        )
+    train_loader = make_train_loader(
+        data,
+        train_tf,
+        mode,
+        batch_size=args.batch_size,
+        steps=steps_per_epoch,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        seed=args.seed,
+        shuffle_buffer=args.shuffle_buffer,
+        **loader_kwargs(workers, pin),
+    )
+    val_batch = args.validation_batch_size or args.batch_size
+    val_batch = -(-val_batch // accelerator.num_processes) * accelerator.num_processes
+    test_loader = DataLoader(
+        TorchImageDataset(data.test, data.image_column, data.label_column, test_tf, mode),
+        batch_size=val_batch,
+        shuffle=False,
+        **loader_kwargs(workers, pin),
+    )
+    resolved = {"hflip": hflip, "aug": aug, "workers": workers}
+    mixup_fn, loss_fn = _mixup_and_loss(args, accelerator, num_classes)
+    return Loaders(train_loader, test_loader, steps_per_epoch, data_config, resolved, mixup_fn, loss_fn)
+
+
+def _mixup_and_loss(args: Any, accelerator: Accelerator, num_classes: int) -> tuple[Mixup | None, nn.Module]:
+    """timm's ``Mixup`` (None without ``--mixup`` / ``--cutmix``) and the training loss its targets need."""
+    if not (args.mixup > 0 or args.cutmix > 0):
+        loss_fn = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else nn.CrossEntropyLoss()
+        return None, loss_fn.to(accelerator.device)
+    if (args.batch_size // accelerator.num_processes) % 2:
+        raise SystemExit(
+            f"--mixup / --cutmix pair the images of each process's batch: --batch-size {args.batch_size} / "
+            f"{accelerator.num_processes} process(es) must be even"
+        )
+    mixup_fn = Mixup(
+        mixup_alpha=args.mixup,
+        cutmix_alpha=args.cutmix,
+        prob=args.mixup_prob,
+        switch_prob=args.mixup_switch_prob,
+        mode=args.mixup_mode,
+        label_smoothing=args.smoothing,
+        num_classes=num_classes,
+    )
+    return mixup_fn, SoftTargetCrossEntropy().to(accelerator.device)  # the smoothing is in the targets
+
+
+def _default_workers(accelerator: Accelerator) -> int:
+    """Loader processes per training process: none on the CPU, else min(8, cores per process)."""
+    if accelerator.device.type == "cpu":
+        return 0
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    return min(8, max(1, (os.cpu_count() or 1) // max(1, local_processes)))
+
+
+# ---------------------------------------------------------------------------- 5. optimizer, schedule, SVB
+
+
+@dataclass
+class Optimization:
+    """What updates the weights: optimizer, learning-rate schedule and the SVB plugin (None: no SVB)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: RecipeLR
+    svb: RecordingSVB | None
+    svb_config: dict[str, Any] | None  # run.json's svb_config: epsilon, bbn_epsilon, every_n_steps
+    svb_recipe: dict[str, Any] | None  # ... and the schedule's rules, for run.json's recipe
+
+
+def build_optimizer(args: Any, model: nn.Module, steps_per_epoch: int, setup: RunSetup) -> Optimization:
+    """SGD (the reference) or a timm optimizer over :func:`engine.param_groups` (weight decay off for BN and
+    biases when fine-tuning, the classifier's ``--head-lr-scale``, frozen parameters left out); the per-step
+    :class:`engine.RecipeLR`; SVB as the model's ``svb_config`` and ``--svb-*`` say, on the schedule of
+    ``--svb-every`` and the reference's rules, leaving frozen layers alone."""
+    filter_bias_and_bn, scale = _filter_bias_and_bn(args), args.head_lr_scale
+    groups = param_groups(
+        model, args.weight_decay, filter_bias_and_bn=filter_bias_and_bn, head_lr_scale=scale
+    )
+    optimizer = (
+        torch.optim.SGD(
+            groups,
+            lr=args.lr,
+            momentum=args.momentum,
+            nesterov=args.nesterov and args.momentum > 0,
+            weight_decay=args.weight_decay,
+        )
+        if args.opt.lower() == "sgd"
+        else create_optimizer_v2(
+            groups, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
+        )
+    )
+    _logger.info(
+        "optimizer %s: %s",
+        args.opt,
+        "; ".join(
+            f"{len(g['params'])} tensors weight decay {g['weight_decay']:g}"
+            + (f" lr x {g['lr_scale']:g}" if "lr_scale" in g else "")
+            for g in groups
+        ),
+    )
+    if args.lr_base is not None:
+        _logger.info(
+            "lr %g = --lr-base %g x batch %d / --lr-base-size %d (%s)",
+            args.lr,
+            args.lr_base,
+            args.batch_size,
+            args.lr_base_size,
+            args.lr_base_scale or "timm's default scaling",
+        )
+    scheduler = RecipeLR(
+        optimizer,
+        steps_per_epoch,
+        sched=args.sched,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        epochs=args.epochs,
+        decay_stages=args.decay_stages,
+        warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr,
+    )
+    settings = _svb_settings(args, model)
+    if setup.previous and (setup.previous.get("svb_config") is None) != (settings is None):
+        raise SystemExit(
+            f"cannot resume {setup.run_dir} with SVB {'on' if settings else 'off'}: the run trained with it "
+            f"{'off' if settings else 'on'} (its checkpoint holds {'no' if settings else 'the'} SVB "
+            "schedule); resume with the run's SVB options, or start a new run with --initial-checkpoint"
+        )
+    if settings is None:
+        return Optimization(optimizer, scheduler, None, None, None)
+    return Optimization(optimizer, scheduler, *_make_svb(args, model, settings, steps_per_epoch))
+
+
+def _make_svb(
+    args: Any, model: nn.Module, settings: dict[str, Any], steps_per_epoch: int
+) -> tuple[RecordingSVB, dict[str, Any], dict[str, Any]]:
+    """The SVB plugin on the schedule of ``--svb-every`` and the reference's two rules, leaving frozen layers
+    alone; with run.json's ``svb_config`` and the recipe's ``svb`` entry."""
+    every = parse_svb_every(args.svb_every, steps_per_epoch)
+    skip_last = args.svb_skip_last if args.svb_skip_last is not None else min(100, steps_per_epoch // 4)
+    svb = RecordingSVB(
+        model,
+        settings["epsilon"],
+        settings["bbn_epsilon"],
+        every,
+        steps_per_epoch=steps_per_epoch,
+        skip_last_steps=skip_last,
+        num_epochs=args.epochs,
+        skip_final_epoch=args.svb_skip_final_epoch,
+        exclude=_svb_exclude(args, model),
+        bbn_mode=args.bbn_mode,
+    )
+    svb_config = {**settings, "every_n_steps": every}
+    return (
+        svb,
+        svb_config,
+        {**svb_config, "skip_last_steps": skip_last, "skip_final_epoch": svb.skip_final_epoch},
+    )
+
+
+def _filter_bias_and_bn(args: Any) -> bool:
+    """``--filter-bias-and-bn``; by default on when fine-tuning (from ``--pretrained`` weights or an
+    ``--initial-checkpoint``)."""
+    if args.filter_bias_and_bn is not None:
+        return args.filter_bias_and_bn
+    return bool(args.pretrained or args.initial_checkpoint)
+
+
+def _svb_exclude(args: Any, model: nn.Module) -> tuple[str, ...]:
+    """What SVB leaves alone: ``--svb-exclude`` and the frozen layers (bounding them would change weights
+    that training does not: a frozen backbone must stay as loaded)."""
+    return (*(args.svb_exclude or ()), *frozen_layer_names(model))
+
+
+# ------------------------------------------------------------------------------------ 6. prepare, resume
+
+
+@dataclass
+class PreparedRun:
+    """The prepared objects and the run's progress."""
+
+    model: nn.Module  # as prepared: inside the DDP / compile wrappers
+    plain: nn.Module  # the timm model inside them: what is saved, bounded, measured and returned
+    optimizer: torch.optim.Optimizer
+    train_loader: Any
+    test_loader: Any
+    scheduler: Any
+    state: RunState
+    run_dir: Path
+    steps_per_epoch: int
+    start_epoch: int  # epochs completed before this invocation
+    svb_steps: list[int]  # steps of the whole run after which SVB bounds
+    ema: BoundedEMA | None  # --model-ema
+    loaders: Loaders  # mixup and the loss of a training batch
+    frozen_bn: list[nn.Module]  # a frozen backbone's BN layers, in eval mode while training
+
+
+def prepare(
+    args: Any,
+    setup: RunSetup,
+    model: nn.Module,
+    loaders: Loaders,
+    optim: Optimization,
+    frozen_bn: list[nn.Module],
+) -> PreparedRun:
+    """``accelerator.prepare`` (device, DDP, compile), the model EMA (of the prepared model, on its device),
+    the checkpoint's contents (plain timm weights, the run's progress, SVB's position, the EMA) and, for
+    ``--resume``, loading it: the command line's optimizer settings win."""
+    accelerator, svb = setup.accelerator, optim.svb
+    optimizer, scheduler, train_loader = optim.optimizer, optim.scheduler, loaders.train
+    if isinstance(train_loader, FixedLengthLoader):  # a stream: each process reads its own shards
+        model, optimizer, test_loader, scheduler = accelerator.prepare(
+            model, optimizer, loaders.test, scheduler
+        )
+    else:
+        model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(
+            model, optimizer, train_loader, loaders.test, scheduler
+        )
+        if len(train_loader) != loaders.steps_per_epoch:
+            raise RuntimeError(
+                f"prepared loader has {len(train_loader)} batches, expected {loaders.steps_per_epoch}"
+            )
+    # (unwrap_model with keep_torch_compile=True would put the plain model inside the compiled one and drop
+    # DDP's no_sync)
+    plain = accelerator.unwrap_model(model, keep_torch_compile=False)
+    _checkpoint_plain_weights(accelerator, plain)
+    run_state = RunState()
+    accelerator.register_for_checkpointing(run_state)
+    svb_steps: list[int] = []
+    if svb is not None:
+        svb.attach(optimizer)
+        accelerator.register_for_checkpointing(svb)
+        svb_steps = svb_apply_steps(svb, loaders.steps_per_epoch * args.epochs)
+        _log_svb_schedule(svb, loaders.steps_per_epoch, svb_steps, args.epochs)
+    ema = _make_ema(args, plain, svb) if args.model_ema else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    if setup.resume_from is not None:
+        _resume(setup, optimizer, run_state, args.epochs)
+    return PreparedRun(
+        model,
+        plain,
+        optimizer,
+        train_loader,
+        test_loader,
+        scheduler,
+        run_state,
+        setup.run_dir,
+        loaders.steps_per_epoch,
+        run_state.epoch,
+        svb_steps,
+        ema,
+        loaders,
+        frozen_bn,
+    )
+
+
+def _make_ema(args: Any, plain: nn.Module, svb: RecordingSVB | None) -> BoundedEMA:
+    """``--model-ema`` of the prepared timm model (on its device), bounded by an SVB of its own with the
+    model SVB's bands and layer selection whenever that one bounds."""
+    return BoundedEMA(
+        plain,
+        args.model_ema_decay,
+        warmup=args.model_ema_warmup,
+        model_svb=svb,
+        svb=lambda copy: RecordingSVB(
+            copy, svb.epsilon, svb.bbn_epsilon, exclude=_svb_exclude(args, copy), bbn_mode=svb.bbn_mode
+        ),
+    )
+
+
+def _resume(setup: RunSetup, optimizer: torch.optim.Optimizer, run_state: RunState, epochs: int) -> None:
+    """Load the checkpoint into everything registered; the command line's optimizer settings (weight decay,
+    momentum, ...; not the scheduled rate) win over the checkpoint's, which ``load_state_dict`` restores."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    setup.accelerator.load_state(str(setup.resume_from))
+    for group, own in zip(optimizer.param_groups, settings, strict=True):
+        group.update({k: v for k, v in own.items() if k != "lr"})
+    _logger.info(
+        "resumed %s after epoch %d of %d from %s%s",
+        setup.run_dir,
+        run_state.epoch,
+        epochs,
+        setup.resume_from.name,
+        (
+            "; changed on the command line, in effect from epoch "
+            f"{run_state.epoch + 1} on (LR schedule, SVB schedule, optimizer, ...): "
+            + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in setup.changed.items())
+        )
+        if setup.changed
+        else "",
+    )
+
+
+def _log_svb_schedule(svb: RecordingSVB, steps_per_epoch: int, svb_steps: list[int], epochs: int) -> None:
+    _logger.info(
+        "SVB eps %g, BBN %s: every %d steps (epoch = %d steps), not in the last %d steps of an epoch%s: "
+        "%d times in %d epochs",
+        svb.epsilon,
+        "off" if svb.bbn_epsilon is None else f"eps {svb.bbn_epsilon:g} ({svb.bbn_mode})",
+        svb.every_n_steps,
+        steps_per_epoch,
+        svb.skip_last_steps,
+        ", not in the final epoch" if svb.skip_final_epoch else "",
+        len(svb_steps),
+        epochs,
+    )
+    if not svb_steps and epochs > 1:
+        _logger.warning("SVB is on but its schedule never fires: check --svb-every / --svb-skip-last")
+
+
+# ---------------------------------------------------------------------------------------- 7. run record
+
+
+class RunRecord:
+    """``run.json``, ``summary.csv`` and ``curves.png`` of the run, rewritten by the main process as the run
+    goes."""
+
+    def __init__(self, run_dir: Path, run: dict[str, Any], state: RunState, is_main: bool) -> None:
+        self.run_dir, self.run, self.state, self.is_main = run_dir, run, state, is_main
+
+    def write(self, status: str) -> None:
+        """Record the run's progress with ``status`` (``running``, ``stopped``, ``finished``)."""
+        if not self.is_main:
+            return
+        self.run["status"] = status
+        self.run["completed_epochs"] = self.state.epoch
+        self.run["metrics"] = self.state.metrics()
+        write_run_json(self.run_dir / "run.json", self.run)
+        write_summary(self.run_dir / "summary.csv", self.state.history)
+        if self.state.history:  # from the files just written, as timm-svb-curves draws any run
+            plot_curves([self.run_dir], self.run_dir / "curves.png", title=f"{self.run_dir.name} ({status})")
+
+
+def start_record(
+    args: Any,
+    given: dict[str, Any],
+    setup: RunSetup,
+    data: ImageData,
+    model_kwargs: dict[str, Any],
+    loaders: Loaders,
+    optim: Optimization,
+    run: PreparedRun,
+) -> RunRecord:
+    """Write ``run.json`` (what ``hub/publish.py`` and ``--resume`` read) and ``args.yaml``; start the
+    trackers (``--log-with``)."""
+    accelerator = setup.accelerator
+    pretrained_cfg = dict(getattr(run.plain, "pretrained_cfg", {}) or {})
+    pretrained_cfg.update(loaders.data_config)
+    pretrained_cfg["num_classes"] = model_kwargs["num_classes"]
+    recipe = dict(vars(args))
+    recipe.update(
+        **loaders.resolved,
+        channels_last=_channels_last(args, accelerator),
+        num_processes=accelerator.num_processes,
+        mixed_precision=str(accelerator.mixed_precision),
+        steps_per_epoch=run.steps_per_epoch,
+        svb=optim.svb_recipe,
+        filter_bias_and_bn=_filter_bias_and_bn(args),
+    )
+    resumes = list(setup.previous.get("resumes", []))
+    if setup.resume_from is not None:
+        resumes.append(
+            {"after_epoch": run.start_epoch, "checkpoint": setup.resume_from.name, "changed": setup.changed}
+        )
+    record = RunRecord(
+        run.run_dir,
+        {
+            "model": args.model,
+            "model_kwargs": model_kwargs,
+            "num_classes": model_kwargs["num_classes"],
+            "svb_config": optim.svb_config,
+            "dataset": data.describe(),
+            "recipe": recipe,
+            "args": given,
+            "resumes": resumes,
+            "metrics": {"best": None, "final": None},
+            "pretrained_cfg": pretrained_cfg,
+            "timm_svb_version": timm_svb.__version__,
+            "status": "running",
+            "epochs": args.epochs,
+            "completed_epochs": run.start_epoch,
+        },
+        run.state,
+        accelerator.is_main_process,
+    )
+    if accelerator.is_main_process:
+        with open(run.run_dir / "args.yaml", "w", encoding="utf-8") as f:
+            resolved = {**vars(args), "channels_last": recipe["channels_last"]}
+            yaml.safe_dump(
+                {k: v for k, v in resolved.items() if k not in ("config", "resume")}, f, sort_keys=False
+            )
+        for name in ("best", "best_ema") if setup.resume_from is not None else ():
+            best = getattr(run.state, name)
+            if best is not None and best["epoch"] == run.state.epoch:  # the save may have been cut short
+                save_weights(_weights_of(run, name), run.run_dir / f"model_{name}.safetensors")
+        record.write("running")
+    if _trackers(args.log_with):
+        run_name = args.run_name or run.run_dir.name
+        accelerator.init_trackers(
+            args.experiment,
+            config=_flat_hparams(recipe),
+            init_kwargs={tracker: {key: run_name} for tracker, key in RUN_NAME_KWARGS.items()},
+        )
+    return record
+
+
+def _weights_of(run: PreparedRun, name: str) -> nn.Module:
+    """The model whose weights ``model_NAME.safetensors`` holds: the EMA copy for ``*_ema``."""
+    return run.ema.module if name.endswith("_ema") else run.plain
+
+
+# -------------------------------------------------------------------------------------------- 8. epochs
+
+
+def train_epochs(
+    args: Any, accelerator: Accelerator, run: PreparedRun, svb: RecordingSVB | None, record: RunRecord
+) -> None:
+    """Every epoch (up to ``--epochs``, or ``--stop-after`` in this invocation): train (mixup, loss, the EMA
+    updated and SVB applied after optimizer steps), average the BN statistics over the processes, test the
+    model and its EMA, record a ``summary.csv`` row, checkpoint, save the best weights, log to the trackers
+    and the console."""
+    stop_at = args.epochs if args.stop_after is None else min(args.epochs, run.start_epoch + args.stop_after)
+    channels_last = _channels_last(args, accelerator)
+    ema_svb = run.ema.svb if run.ema is not None else None
+    for epoch in range(run.start_epoch, stop_at):
+        run.train_loader.set_epoch(epoch)
+        lr = getattr(run.scheduler, "scheduler", run.scheduler).base_lr  # inside Accelerate's wrapper
+        applied_before = svb.num_applied if svb is not None else 0
+        for plugin in (svb, ema_svb):
+            if plugin is not None:
+                plugin.last_stats, plugin.seconds = None, 0.0
+        train = train_one_epoch(
+            run.model,
+            run.train_loader,
+            run.optimizer,
+            accelerator,
+            scheduler=run.scheduler,
+            epoch=epoch,
+            grad_accum_steps=args.grad_accum_steps,
+            loss_fn=run.loaders.loss_fn,
+            mixup_fn=run.loaders.mixup_fn,
+            ema=run.ema,
+            eval_modules=run.frozen_bn,
+            clip_grad=args.clip_grad,
+            channels_last=channels_last,
+            progress=args.progress,
+            log_interval=args.log_interval,
+        )
+        tested = {"": run.model} if run.ema is None else {"": run.model, "ema_": run.ema.module}
+        if accelerator.num_processes > 1 and args.dist_bn != "none":
+            for model in (run.plain, *(() if run.ema is None else (run.ema.module,))):
+                timm.utils.distribute_bn(model, accelerator.num_processes, reduce=args.dist_bn == "reduce")
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": train.loss,
+            "train_top1_err": train.top1_err,
+            "images_per_s": train.images_per_s,
+            "epoch_s": train.seconds,
+        }
+        for prefix, model in tested.items():
+            # a pass over a loader draws its workers' base seed from the global generator: the EMA's pass must
+            # not, or --model-ema would change the augmentation, and so the training, of the model
+            with torch.random.fork_rng(devices=[]) if prefix else contextlib.nullcontext():
+                metrics = evaluate(model, run.test_loader, accelerator, channels_last=channels_last)
+            row.update({f"{prefix}test_loss": metrics["loss"]})
+            row.update({f"{prefix}{k}": metrics[k] for k in ("top1_err", "top5_err")})
+        if svb is not None:
+            row.update(_svb_row(svb, applied_before))
+        if ema_svb is not None:
+            stats = ema_svb.last_stats
+            row.update(
+                ema_svb_clipped=stats.clipped if stats else None,
+                ema_svb_sv_min=stats.sv_min if stats else None,
+                ema_svb_sv_max=stats.sv_max if stats else None,
+            )
+        new_best = run.state.record(row)
+        save_checkpoint(accelerator, run.run_dir, epoch + 1, args.checkpoint_hist)
+        if accelerator.is_main_process:
+            for name in new_best:
+                save_weights(_weights_of(run, name), run.run_dir / f"model_{name}.safetensors")
+        record.write("running")
+        _log_epoch(args, accelerator, run, svb, row, epoch)
+
+
+def _svb_row(svb: RecordingSVB, applied_before: int) -> dict[str, Any]:
+    """The SVB columns of an epoch's ``summary.csv`` row: its applications and what the last one saw."""
+    stats = svb.last_stats
+    return {
+        "svb_applied": svb.num_applied - applied_before,
+        "svb_applied_total": svb.num_applied,
+        "svb_s": svb.seconds,
+        "svb_clipped": stats.clipped if stats else None,
+        "svb_sv_min": stats.sv_min if stats else None,
+        "svb_sv_max": stats.sv_max if stats else None,
+        "bbn_clipped": stats.bn_clipped if stats else None,
+    }
+
+
+def _log_epoch(
+    args: Any,
+    accelerator: Accelerator,
+    run: PreparedRun,
+    svb: RecordingSVB | None,
+    row: dict[str, Any],
+    epoch: int,
+) -> None:
+    """An epoch's row to the trackers (with spectrum statistics every ``--spectrum-every`` epochs) and the
+    console."""
+    spectrum = {}
+    # main process only: the other processes hold the same weights and the trackers live on the main one
+    if accelerator.is_main_process and args.spectrum_every and (epoch + 1) % args.spectrum_every == 0:
+        spectrum = spectrum_summary(model_spectrum(run.plain), epsilon=_band_epsilon(svb))
+    extra = {}
+    if svb is not None:
+        last = svb.last_stats.to_dict() if svb.last_stats else {}
+        extra = {"svb/applied": row["svb_applied"], **last}
+    if row["train_top1_err"] is not None:  # not with mixed targets
+        extra["train/top1_err"] = row["train_top1_err"]
+    if run.ema is not None:
+        extra.update({f"test_ema/{k}": row[f"ema_{k}"] for k in ("top1_err", "top5_err")})
+        extra["test_ema/loss"] = row["ema_test_loss"]
+    accelerator.log(
+        {
+            **spectrum,
+            "train/loss": row["train_loss"],
+            "train/lr": row["lr"],
+            "train/images_per_s": row["images_per_s"],
+            "test/top1_err": row["top1_err"],
+            "test/top5_err": row["top5_err"],
+            "test/loss": row["test_loss"],
+            **extra,
+        },
+        step=epoch + 1,
+    )
+    text = ""
+    if run.ema is not None:
+        text += f"  EMA top-1 err {row['ema_top1_err']:.2f}%"
+    if svb is not None and row["svb_applied"]:
+        text += f"  SVB x{row['svb_applied']} ({_describe_svb(svb.last_stats)}, {svb.seconds:.2f}s)"
+    _logger.info(
+        "epoch %d/%d  lr %.4g  train loss %.4f  test top-1 err %.2f%%  top-5 err %.2f%%  %.0f img/s%s",
+        epoch + 1,
+        args.epochs,
+        row["lr"],
+        row["train_loss"],
+        row["top1_err"],
+        row["top5_err"],
+        row["images_per_s"],
+        text,
+    )
+
+
+# -------------------------------------------------------------------------------------------- 9. finish
+
+
+def finish(
+    args: Any, accelerator: Accelerator, run: PreparedRun, svb: RecordingSVB | None, record: RunRecord
+) -> TrainResult:
+    """After the last epoch: ``model_final.safetensors`` (and ``model_final_ema``) and ``spectra.png``; the
+    record's final status; the trackers closed; the test error and the run folder printed."""
+    state = run.state
+    finished = state.epoch >= args.epochs
+    if accelerator.is_main_process and finished:
+        for name in ("final", "final_ema") if run.ema is not None else ("final",):
+            save_weights(_weights_of(run, name), run.run_dir / f"model_{name}.safetensors")
+        plot_spectra({args.model: model_spectrum(run.plain)}, run.run_dir / "spectra.png", _band_epsilon(svb))
+    record.write("finished" if finished else "stopped")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if finished and state.history:
+        final, best = state.history[-1], state.best
+        accelerator.print(
+            f"test error after {args.epochs} epochs: top-1 {final['top1_err']:.2f}%, "
+            f"top-5 {final['top5_err']:.2f}% "
+            f"(best: top-1 {best['top1_err']:.2f}% at epoch {best['epoch']})"
+            + (
+                f"; EMA: top-1 {final['ema_top1_err']:.2f}%, top-5 {final['ema_top5_err']:.2f}%"
+                if run.ema
+                else ""
+            )
+        )
+    elif not finished:
+        accelerator.print(f"stopped after epoch {state.epoch} of {args.epochs}; continue with --resume")
+    accelerator.print(f"run folder: {run.run_dir}")
+    sys.stdout.flush()
+    return TrainResult(
+        run_dir=run.run_dir,
+        model=run.plain,
+        svb=svb,
+        state=state,
+        finished=finished,
+        start_epoch=run.start_epoch,
+        svb_steps=run.svb_steps,
+        run=record.run,
+        ema=run.ema,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -124,6 +994,8 @@ def _run_dir(args: Any, state: PartialState) -> tuple[Path, Path | None]:
         return run_dir, checkpoint
     if args.output:
         run_dir = Path(args.output)
+    elif args.run_name:
+        run_dir = Path("runs") / args.run_name
     else:
         stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
         if state.num_processes > 1:
@@ -210,6 +1082,9 @@ def _resume_changes(record: dict[str, Any], args: dict[str, Any], run_dir: Path)
     if before is None:  # a run of an earlier version: its recipe, less the options it holds resolved
         resolved = ("hflip", "aug", "workers", "mixed_precision", "channels_last")
         before = {k: v for k, v in record.get("recipe", {}).items() if k not in resolved}
+    # a fixed option the run's version did not have yet: that run had what its default does now
+    parser = build_parser()
+    before = {**{k: parser.get_default(k) for k in RESUME_FIXED if k not in before}, **before}
     now = jsonable(args)
     changed = {
         k: [before[k], v] for k, v in now.items() if k in before and before[k] != v and k not in RESUME_QUIET
@@ -222,7 +1097,7 @@ def _resume_changes(record: dict[str, Any], args: dict[str, Any], run_dir: Path)
                 f"--{k.replace('_', '-')} ({changed[k][0]!r} in the run, {changed[k][1]!r} now)"
                 for k in fixed
             )
-            + ": the checkpoint's weights, data order and random state depend on it. Resume "
+            + ": the checkpoint's weights, data order, random state and optimizer state depend on it. Resume "
             f"{run_dir} without changing it, or start a new run from its weights with --initial-checkpoint "
             f"{run_dir / 'model_final.safetensors'} (or model_best)"
         )
@@ -304,503 +1179,4 @@ def make_accelerator(
         dynamo_plugin=TorchDynamoPlugin(backend=compile) if compile else None,
         log_with=log_with or None,
         project_dir=None if project_dir is None else str(project_dir),
-    )
-
-
-# ------------------------------------------------------------------------------------------------- fit
-
-
-def fit(args: Any) -> TrainResult:
-    """Train as ``args`` (from :func:`options.parse_args`) says; see ``recipes/train.py --help``."""
-    given = dict(vars(args))  # as parsed, before anything is resolved: recorded, and compared on resume
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # torchrun / accelerate launch on machines without an accelerator: gloo on the CPU
-    cpu = args.cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available())
-    state = PartialState(cpu=cpu)
-    _setup_logging(state.is_main_process)
-    run_dir, resume_from = _run_dir(args, state)
-    record = run_dir / "run.json"
-    previous = json.loads(record.read_text(encoding="utf-8")) if resume_from and record.is_file() else {}
-    changed = _resume_changes(previous, given, run_dir) if previous else {}
-    state.wait_for_everyone()  # every process has looked at the run folder before the main one writes to it
-
-    if args.batch_size % (state.num_processes * args.grad_accum_steps):
-        raise SystemExit(
-            f"--batch-size {args.batch_size} (global) must be a multiple of processes x --grad-accum-steps "
-            f"= {state.num_processes} x {args.grad_accum_steps}"
-        )
-    if args.sync_bn and state.num_processes > 1 and state.device.type == "cpu":
-        raise SystemExit("--sync-bn needs GPUs (torch's SyncBatchNorm has no CPU implementation); drop it")
-    accelerator = make_accelerator(
-        cpu=cpu,
-        mixed_precision=args.mixed_precision,
-        grad_accum_steps=args.grad_accum_steps,
-        seed=args.seed,
-        compile=args.compile,
-        log_with=_trackers(args.log_with),
-        project_dir=run_dir,
-    )
-    device = accelerator.device
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    # seed + rank, as timm's train.py: every process draws its own crops and flips; the loaders' shuffle is
-    # seeded apart (data_seed / the stream's seed), the same on every process; DDP copies rank 0's init
-    set_seed(args.seed, device_specific=True)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    _logger.info(
-        "%s, %d process(es), mixed precision %s, run folder %s",
-        device,
-        accelerator.num_processes,
-        accelerator.mixed_precision,
-        run_dir,
-    )
-    bn_batch = args.batch_size // (accelerator.num_processes * args.grad_accum_steps)
-
-    # ---------------------------------------------------------------- data
-    with accelerator.local_main_process_first():  # one download / cache per node
-        data: ImageData = load_image_dataset(
-            args.dataset,
-            args.data_dir,
-            train_split=args.train_split,
-            val_split=args.val_split,
-            image_column=args.image_column,
-            label_column=args.label_column,
-            streaming=args.streaming,
-        )
-    num_classes = args.num_classes or data.num_classes
-    if num_classes < data.num_classes:
-        raise SystemExit(f"--num-classes {num_classes} < the data set's {data.num_classes} classes")
-    _logger.info(
-        "data %s: %d train (%s%s), %d test (%s) images, %d classes",
-        data.name,
-        data.num_train,
-        data.train_split,
-        ", streamed" if data.streamed else "",
-        len(data.test),
-        data.test_split,
-        data.num_classes,
-    )
-
-    # ---------------------------------------------------------------- model
-    model_kwargs = _model_kwargs(args, num_classes)
-    with accelerator.local_main_process_first():
-        model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
-    if args.init == "orthogonal" and not args.pretrained:
-        timm_svb.orthogonal_init_(model)
-    if args.initial_checkpoint:
-        load_initial_checkpoint(model, args.initial_checkpoint)
-    if args.sync_bn and accelerator.num_processes > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif (
-        bn_batch < MIN_BN_BATCH
-        and accelerator.is_main_process
-        and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    ):
-        _logger.warning(
-            "BN%s statistics come from %d images per process (--batch-size %d / (%d process(es) x %d "
-            "accumulation steps)), fewer than %d: expect noisier training%s",
-            " and BBN" if not args.no_bbn else "",
-            bn_batch,
-            args.batch_size,
-            accelerator.num_processes,
-            args.grad_accum_steps,
-            MIN_BN_BATCH,
-            "; --sync-bn computes them over all processes"
-            if accelerator.num_processes > 1 and device.type != "cpu"
-            else "",
-        )
-    if args.channels_last is None:
-        args.channels_last = accelerator.device.type == "cpu"
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    _logger.info("model %s: %.2fM parameters", args.model, sum(p.numel() for p in model.parameters()) / 1e6)
-
-    data_config = resolve_data_config(
-        {
-            "input_size": tuple(args.input_size) if args.input_size else None,
-            "mean": tuple(args.mean) if args.mean else None,
-            "std": tuple(args.std) if args.std else None,
-            "crop_pct": args.crop_pct,
-            "interpolation": args.interpolation,
-        },
-        model=model,
-    )
-    hflip = args.hflip if args.hflip is not None else (0.0 if data.name == DIGITS else 0.5)
-    aug = resolve_aug(args.aug, data_config)
-    mode = "L" if data_config["input_size"][0] == 1 else "RGB"
-    train_tf = build_transforms(
-        data_config,
-        True,
-        aug=aug,
-        hflip=hflip,
-        crop_padding=args.crop_padding,
-        scale=tuple(args.scale) if args.scale else None,
-        ratio=tuple(args.ratio) if args.ratio else None,
-        color_jitter=args.color_jitter,
-    )
-    test_tf = build_transforms(data_config, False)
-    workers = args.workers
-    if workers is None:
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        per_process = max(1, (os.cpu_count() or 1) // max(1, local_processes))
-        workers = 0 if device.type == "cpu" else min(8, per_process)
-    pin = device.type == "cuda"
-    steps_per_epoch = data.num_train // args.batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(
-            f"--batch-size {args.batch_size} is larger than the {data.num_train} training images"
-        )
-    if data.streamed:
-        # each process reads its own shards (no Accelerate dispatch) and takes exactly steps_per_epoch batches
-        stream = StreamingImages(
-            data.train,
-            data.image_column,
-            data.label_column,
-            train_tf,
-            mode,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-            seed=args.seed,
-            buffer_size=args.shuffle_buffer,
-        )
-        kwargs = loader_kwargs(workers, pin) | {"persistent_workers": False}  # workers see set_epoch
-        train_loader = FixedLengthLoader(
-            DataLoader(
-                stream, batch_size=args.batch_size // accelerator.num_processes, drop_last=True, **kwargs
-            ),
-            steps_per_epoch,
-        )
-    else:
-        train_loader = DataLoader(
-            TorchImageDataset(data.train, data.image_column, data.label_column, train_tf, mode),
-            batch_size=args.batch_size,
-            shuffle=True,
-            drop_last=True,
-            **loader_kwargs(workers, pin),
-        )
-    val_batch = args.validation_batch_size or args.batch_size
-    val_batch = -(-val_batch // accelerator.num_processes) * accelerator.num_processes
-    test_loader = DataLoader(
-        TorchImageDataset(data.test, data.image_column, data.label_column, test_tf, mode),
-        batch_size=val_batch,
-        shuffle=False,
-        **loader_kwargs(workers, pin),
-    )
-
-    # ---------------------------------------------------------------- optimizer, schedule, SVB
-    if args.opt.lower() == "sgd":
-        optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=args.lr,
-            momentum=args.momentum,
-            nesterov=args.nesterov and args.momentum > 0,
-            weight_decay=args.weight_decay,
-        )
-    else:
-        from timm.optim import create_optimizer_v2  # noqa: PLC0415
-
-        optimizer = create_optimizer_v2(
-            model,
-            opt=args.opt,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            momentum=args.momentum,
-            filter_bias_and_bn=False,
-        )
-    if args.lr_base is not None:
-        _logger.info(
-            "lr %g = --lr-base %g x batch %d / --lr-base-size %d (%s)",
-            args.lr,
-            args.lr_base,
-            args.batch_size,
-            args.lr_base_size,
-            args.lr_base_scale or "timm's default scaling",
-        )
-    scheduler = RecipeLR(
-        optimizer,
-        steps_per_epoch,
-        sched=args.sched,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        epochs=args.epochs,
-        decay_stages=args.decay_stages,
-        warmup_epochs=args.warmup_epochs,
-        warmup_lr=args.warmup_lr,
-    )
-    svb_settings = _svb_settings(args, model)
-    if previous and (previous.get("svb_config") is None) != (svb_settings is None):
-        raise SystemExit(
-            f"cannot resume {run_dir} with SVB {'on' if svb_settings else 'off'}: the run trained with it "
-            f"{'off' if svb_settings else 'on'} (its checkpoint holds {'no' if svb_settings else 'the'} SVB "
-            "schedule); resume with the run's SVB options, or start a new run with --initial-checkpoint"
-        )
-    svb = None
-    svb_config = None
-    if svb_settings is not None:
-        every = parse_svb_every(args.svb_every, steps_per_epoch)
-        skip_last = args.svb_skip_last if args.svb_skip_last is not None else min(100, steps_per_epoch // 4)
-        svb = RecordingSVB(
-            model,
-            svb_settings["epsilon"],
-            svb_settings["bbn_epsilon"],
-            every,
-            steps_per_epoch=steps_per_epoch,
-            skip_last_steps=skip_last,
-            num_epochs=args.epochs,
-            skip_final_epoch=args.svb_skip_final_epoch,
-            exclude=tuple(args.svb_exclude or ()),
-            bbn_mode=args.bbn_mode,
-        )
-        svb_config = {**svb_settings, "every_n_steps": every}
-        svb_config_full = {
-            **svb_config,
-            "skip_last_steps": skip_last,
-            "skip_final_epoch": args.svb_skip_final_epoch,
-        }
-
-    if data.streamed:
-        model, optimizer, test_loader, scheduler = accelerator.prepare(
-            model, optimizer, test_loader, scheduler
-        )
-    else:
-        model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(
-            model, optimizer, train_loader, test_loader, scheduler
-        )
-        if len(train_loader) != steps_per_epoch:
-            raise RuntimeError(f"prepared loader has {len(train_loader)} batches, expected {steps_per_epoch}")
-    # the timm model inside the wrappers: what is saved, bounded, measured and returned. (unwrap_model with
-    # keep_torch_compile=True would put the plain model inside the compiled one and drop DDP's no_sync.)
-    plain = accelerator.unwrap_model(model, keep_torch_compile=False)
-    _checkpoint_plain_weights(accelerator, plain)
-    run_state = RunState()
-    accelerator.register_for_checkpointing(run_state)
-    svb_steps: list[int] = []
-    if svb is not None:
-        svb.attach(optimizer)
-        accelerator.register_for_checkpointing(svb)
-        svb_steps = svb_apply_steps(svb, steps_per_epoch * args.epochs)
-        _logger.info(
-            "SVB eps %g, BBN %s: every %d steps (epoch = %d steps), not in the last %d steps of an epoch%s: "
-            "%d times in %d epochs",
-            svb.epsilon,
-            "off" if svb.bbn_epsilon is None else f"eps {svb.bbn_epsilon:g} ({svb.bbn_mode})",
-            svb.every_n_steps,
-            steps_per_epoch,
-            svb.skip_last_steps,
-            ", not in the final epoch" if svb.skip_final_epoch else "",
-            len(svb_steps),
-            args.epochs,
-        )
-        if not svb_steps and args.epochs > 1:
-            _logger.warning("SVB is on but its schedule never fires: check --svb-every / --svb-skip-last")
-
-    if resume_from is not None:
-        # the command line's optimizer settings win over the checkpoint's (load_state_dict restores them)
-        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        accelerator.load_state(str(resume_from))
-        for group, own in zip(optimizer.param_groups, settings, strict=True):
-            group.update({k: v for k, v in own.items() if k != "lr"})
-        _logger.info(
-            "resumed %s after epoch %d of %d from %s%s",
-            run_dir,
-            run_state.epoch,
-            args.epochs,
-            resume_from.name,
-            (
-                "; changed on the command line, in effect from epoch "
-                f"{run_state.epoch + 1} on (LR schedule, SVB schedule, optimizer, ...): "
-                + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            )
-            if changed
-            else "",
-        )
-    start_epoch = run_state.epoch
-
-    # ---------------------------------------------------------------- run record
-    pretrained_cfg = dict(getattr(plain, "pretrained_cfg", {}) or {})
-    pretrained_cfg.update(data_config)
-    pretrained_cfg["num_classes"] = num_classes
-    recipe = {k: v for k, v in vars(args).items()}
-    recipe.update(
-        hflip=hflip,
-        aug=aug,
-        workers=workers,
-        num_processes=accelerator.num_processes,
-        mixed_precision=str(accelerator.mixed_precision),
-        steps_per_epoch=steps_per_epoch,
-        svb=svb_config_full if svb is not None else None,
-    )
-    resumes = list(previous.get("resumes", []))
-    if resume_from is not None:
-        resumes.append({"after_epoch": start_epoch, "checkpoint": resume_from.name, "changed": changed})
-    run: dict[str, Any] = {
-        "model": args.model,
-        "model_kwargs": model_kwargs,
-        "num_classes": num_classes,
-        "svb_config": svb_config,
-        "dataset": data.describe(),
-        "recipe": recipe,
-        "args": given,
-        "resumes": resumes,
-        "metrics": {"best": None, "final": None},
-        "pretrained_cfg": pretrained_cfg,
-        "timm_svb_version": timm_svb.__version__,
-        "status": "running",
-        "epochs": args.epochs,
-        "completed_epochs": start_epoch,
-    }
-
-    def write_record(status: str) -> None:
-        run["status"] = status
-        run["completed_epochs"] = run_state.epoch
-        run["metrics"] = {
-            "best": run_state.best,
-            "final": (
-                {k: run_state.history[-1][k] for k in ("epoch", "top1_err", "top5_err")}
-                if run_state.history
-                else None
-            ),
-        }
-        write_run_json(run_dir / "run.json", run)
-        write_summary(run_dir / "summary.csv", run_state.history)
-
-    if accelerator.is_main_process:
-        with open(run_dir / "args.yaml", "w", encoding="utf-8") as f:
-            yaml.safe_dump(
-                {k: v for k, v in vars(args).items() if k not in ("config", "resume")}, f, sort_keys=False
-            )
-        if (
-            resume_from is not None
-            and run_state.best is not None
-            and run_state.best["epoch"] == run_state.epoch
-        ):
-            save_weights(plain, run_dir / "model_best.safetensors")  # the save may have been cut short
-        write_record("running")
-    if _trackers(args.log_with):
-        accelerator.init_trackers("logs", config=_flat_hparams(recipe))
-
-    # ---------------------------------------------------------------- epochs
-    stop_at = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
-    for epoch in range(start_epoch, stop_at):
-        train_loader.set_epoch(epoch)
-        lr = scheduler.get_last_lr()[0]
-        applied_before = svb.num_applied if svb is not None else 0
-        if svb is not None:
-            svb.last_stats, svb.seconds = None, 0.0
-        train = train_one_epoch(
-            model,
-            train_loader,
-            optimizer,
-            accelerator,
-            scheduler=scheduler,
-            epoch=epoch,
-            grad_accum_steps=args.grad_accum_steps,
-            smoothing=args.smoothing,
-            clip_grad=args.clip_grad,
-            channels_last=args.channels_last,
-            progress=args.progress,
-            log_interval=args.log_interval,
-        )
-        if accelerator.num_processes > 1 and args.dist_bn != "none":
-            timm.utils.distribute_bn(plain, accelerator.num_processes, reduce=args.dist_bn == "reduce")
-        metrics = evaluate(model, test_loader, accelerator, channels_last=args.channels_last)
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": train.loss,
-            "test_loss": metrics["loss"],
-            "top1_err": metrics["top1_err"],
-            "top5_err": metrics["top5_err"],
-            "images_per_s": train.images_per_s,
-            "epoch_s": train.seconds,
-        }
-        if svb is not None:
-            stats = svb.last_stats
-            row.update(
-                svb_applied=svb.num_applied - applied_before,
-                svb_applied_total=svb.num_applied,
-                svb_s=svb.seconds,
-                svb_clipped=stats.clipped if stats else None,
-                svb_sv_min=stats.sv_min if stats else None,
-                svb_sv_max=stats.sv_max if stats else None,
-                bbn_clipped=stats.bn_clipped if stats else None,
-            )
-        is_best = run_state.record(row)
-        save_checkpoint(accelerator, run_dir, epoch + 1, args.checkpoint_hist)
-        if accelerator.is_main_process:
-            if is_best:
-                save_weights(plain, run_dir / "model_best.safetensors")
-            write_record("running")
-        spectrum = {}
-        # main process only: the other processes hold the same weights and the trackers live on the main one
-        if accelerator.is_main_process and args.spectrum_every and (epoch + 1) % args.spectrum_every == 0:
-            spectrum = spectrum_summary(model_spectrum(plain), epsilon=_band_epsilon(svb))
-        accelerator.log(
-            {
-                **spectrum,
-                "train/loss": train.loss,
-                "train/lr": lr,
-                "train/images_per_s": train.images_per_s,
-                "test/top1_err": metrics["top1_err"],
-                "test/top5_err": metrics["top5_err"],
-                "test/loss": metrics["loss"],
-                **(
-                    {
-                        "svb/applied": row["svb_applied"],
-                        **(svb.last_stats.to_dict() if svb.last_stats else {}),
-                    }
-                    if svb is not None
-                    else {}
-                ),
-            },
-            step=epoch + 1,
-        )
-        svb_text = ""
-        if svb is not None and row["svb_applied"]:
-            svb_text = f"  SVB x{row['svb_applied']} ({_describe_svb(svb.last_stats)}, {svb.seconds:.2f}s)"
-        _logger.info(
-            "epoch %d/%d  lr %.4g  train loss %.4f  test top-1 err %.2f%%  top-5 err %.2f%%  %.0f img/s%s",
-            epoch + 1,
-            args.epochs,
-            lr,
-            train.loss,
-            metrics["top1_err"],
-            metrics["top5_err"],
-            train.images_per_s,
-            svb_text,
-        )
-
-    finished = run_state.epoch >= args.epochs
-    if accelerator.is_main_process:
-        if finished:
-            save_weights(plain, run_dir / "model_final.safetensors")
-            plot_spectra({args.model: model_spectrum(plain)}, run_dir / "spectra.png", _band_epsilon(svb))
-        write_record("finished" if finished else "stopped")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if finished and run_state.history:
-        final, best = run_state.history[-1], run_state.best
-        accelerator.print(
-            f"test error after {args.epochs} epochs: top-1 {final['top1_err']:.2f}%, "
-            f"top-5 {final['top5_err']:.2f}% "
-            f"(best: top-1 {best['top1_err']:.2f}% at epoch {best['epoch']})"
-        )
-    elif not finished:
-        accelerator.print(f"stopped after epoch {run_state.epoch} of {args.epochs}; continue with --resume")
-    accelerator.print(f"run folder: {run_dir}")
-    sys.stdout.flush()
-    return TrainResult(
-        run_dir=run_dir,
-        model=plain,
-        svb=svb,
-        state=run_state,
-        finished=finished,
-        start_epoch=start_epoch,
-        svb_steps=svb_steps,
-        run=run,
     )

@@ -11,7 +11,8 @@ temporary folder and one deliberate bug is put in, in one of two ways:
 
 - ``patch``: Python run at the start of every interpreter of the test run (a ``sitecustomize`` module on
   ``PYTHONPATH``), so that subprocesses (``torchrun`` workers, recipe runs) see the bug too. It replaces a
-  named function or constant, so it survives refactoring as long as the name stays.
+  named function or constant, so it survives refactoring as long as the name stays; a patch that no longer
+  applies (a name gone) is reported STALE.
 - ``edit``: a text replacement in a source file that must match exactly once; if the text has gone, the
   mutant is reported STALE and must be re-made on the new code.
 
@@ -86,6 +87,56 @@ MUTANTS: tuple[Mutant, ...] = (
         """,
     ),
     Mutant(
+        name="svd-route-not-written-back",
+        breaks="layers on the float64 SVD route (ill-conditioned, rank-deficient) are never bounded",
+        tests=("tests/test_svb.py::test_fallback_layers_are_bounded_written_and_reported",),
+        patch="""
+            import torch
+            from timm_svb import functional as f
+            f._svd_clip = lambda a, lo, hi: (a.double(), torch.linalg.svdvals(a.double()).flip(-1))
+        """,
+    ),
+    *(
+        Mutant(
+            name=f"route-limit-10-to-{limit}",
+            breaks=f"the float64-eigh route's condition limit is {limit}, not the measured 10: "
+            + ("needless slow routes" if limit < 10 else "the accuracy margin is gone"),
+            tests=(
+                "tests/test_functional.py::test_route_limits_are_pinned",
+                "tests/test_svb.py::test_fallback_layers_are_bounded_written_and_reported",
+            ),
+            patch=f"""
+                import torch
+                from timm_svb import functional as f
+                routes = f._ROUTES[torch.float32]
+                assert any(limit == 10.0 for _, _, limit in routes), "no route with limit 10 any more"
+                f._ROUTES[torch.float32] = tuple((g, e, {limit} if c == 10.0 else c) for g, e, c in routes)
+            """,
+        )
+        for limit in (2.0, 31.5)
+    ),
+    Mutant(
+        name="band-slack-2e-5-to-9e-5",
+        breaks="float32 values may stay outside the band by 4.5x more than promised",
+        tests=("tests/test_functional.py::test_band_slack_is_the_promised_2e5",),
+        patch="""
+            import torch
+            from timm_svb import functional as f
+            assert f.BAND_SLACK[torch.float32] == 2e-5
+            f.BAND_SLACK[torch.float32] = 9e-5
+        """,
+    ),
+    Mutant(
+        name="precision-guard-removed",
+        breaks="TF32 / bf16 matmul settings (new or legacy API) and autocast enter the SVB math",
+        tests=("tests/test_functional.py::test_engine_math_is_ieee_float32_under_every_precision_setting",),
+        patch="""
+            import contextlib
+            from timm_svb import functional as f
+            f._full_precision = contextlib.nullcontext
+        """,
+    ),
+    Mutant(
         name="grad-checkpointing-stays-off",
         breaks="model.set_grad_checkpointing() silently leaves activation checkpointing off",
         tests=("tests/test_models.py::test_grad_checkpointing",),
@@ -144,6 +195,12 @@ def copy_checkout(dest: Path) -> None:
             shutil.copy2(source, target)
 
 
+def sitecustomize(mutant: Mutant) -> str:
+    """The module that puts a ``patch`` mutant into every interpreter of its test run."""
+    body = textwrap.dedent(mutant.patch).strip()
+    return f"# mutant {mutant.name}: {mutant.breaks}\n{body}\n_MUTANT_APPLIED = True\n"
+
+
 def apply(mutant: Mutant, tree: Path) -> str | None:
     """Put the mutant into ``tree``; returns why it is stale, or None."""
     for path, old, new in mutant.edits:
@@ -153,13 +210,27 @@ def apply(mutant: Mutant, tree: Path) -> str | None:
             return f"{path}: the text to replace occurs {text.count(old)} times, not once: {old.strip()!r}"
         file.write_text(text.replace(old, new), encoding="utf-8")
     if mutant.patch:
-        body = textwrap.indent(textwrap.dedent(mutant.patch).strip(), "    ")
         (tree / "_mutant").mkdir()
-        (tree / "_mutant" / "sitecustomize.py").write_text(
-            f"# mutant {mutant.name}: {mutant.breaks}\ntry:\n{body}\nexcept ImportError:\n    pass\n",
-            encoding="utf-8",
+        (tree / "_mutant" / "sitecustomize.py").write_text(sitecustomize(mutant), encoding="utf-8")
+        # a patch naming what no longer exists must not pass for a survivor: import it once, strictly
+        check = subprocess.run(
+            [sys.executable, "-c", "import sitecustomize as s; assert s._MUTANT_APPLIED"],
+            cwd=tree,
+            env=_env(mutant, tree),
+            capture_output=True,
+            text=True,
         )
+        if check.returncode:
+            return f"the patch does not apply: {check.stderr.strip().splitlines()[-1]}"
     return None
+
+
+def _env(mutant: Mutant, tree: Path) -> dict[str, str]:
+    """One thread, and the tree (with the mutant's sitecustomize first) on PYTHONPATH."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    paths = [str(tree / "_mutant")] * bool(mutant.patch) + [str(tree), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    return env
 
 
 def run(mutant: Mutant, timeout: float) -> tuple[str, float, str]:
@@ -170,10 +241,7 @@ def run(mutant: Mutant, timeout: float) -> tuple[str, float, str]:
         stale = apply(mutant, tree)
         if stale:
             return "STALE", 0.0, stale
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(tree / "_mutant")] * bool(mutant.patch) + [str(tree), env.get("PYTHONPATH", "")]
-        ).rstrip(os.pathsep)
+        env = _env(mutant, tree)
         command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests]
         start = time.perf_counter()
         try:

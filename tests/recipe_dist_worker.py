@@ -1,8 +1,9 @@
 """Worker of tests/test_recipe_dist.py: ``torchrun --nproc_per_node=2 THIS OUT_DIR DATA_DIR``.
 
 Runs recipes/train.py several times in one torch.distributed (gloo, CPU) launch and saves, per rank, what each
-run ended with and what the rank observed along the way: the random crops its augmentation drew, the training
-images it was given, the times DDP's ``no_sync`` was entered and the examples of a streamed split it read.
+run ended with (the model and its EMA) and what the rank observed along the way: the random crops its
+augmentation drew, the training images it was given, the times DDP's ``no_sync`` was entered and the examples
+of a streamed split it read.
 """
 
 import os
@@ -63,6 +64,8 @@ def run(argv: list[str]) -> dict:
     result = train.run_in_process([*argv, *FAST])
     return {
         "state": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
+        "ema_state": {k: v.detach().clone() for k, v in result.ema.module.state_dict().items()},
+        "ema_applied": result.ema.num_applied,
         "start_epoch": result.start_epoch,
         "num_applied": None if result.svb is None else result.svb.num_applied,
         "expected": len(result.svb_steps),
@@ -85,7 +88,7 @@ def main(out_dir: str, data_dir: str) -> None:
     )
     base = "--model convnet20_svb --model-kwargs depth_x=1 --batch-size 8 --lr 0.05 --svb-epsilon 0.05"
     base += " --bbn-epsilon 0.05 --svb-every 3 --svb-skip-last 0 --no-svb-skip-final-epoch --hflip 0.5"
-    base += " --checkpoint-hist 2"
+    base += " --checkpoint-hist 2 --model-ema --model-ema-decay 0.5"  # the EMA bounded with the model
     common = [*base.split(), "--data-dir", data_dir]
     out = {}
     # uninterrupted, with gradient accumulation (DDP's no_sync)

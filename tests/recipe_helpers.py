@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -20,6 +22,7 @@ import engine as recipe_engine  # noqa: E402
 import options as recipe_options  # noqa: E402
 import rundir as recipe_rundir  # noqa: E402
 import train  # noqa: E402
+import validate as recipe_validate  # noqa: E402
 
 __all__ = [
     "FAST",
@@ -27,10 +30,12 @@ __all__ = [
     "REPO",
     "make_data",
     "one_thread",
+    "optimizer_groups",
     "recipe_data",
     "recipe_engine",
     "recipe_options",
     "recipe_rundir",
+    "recipe_validate",
     "run_recipe",
 ]
 
@@ -56,3 +61,26 @@ def make_data(path: Path, **kwargs: Any) -> Path:
     """A generated image-classification data set saved to ``path`` (see ``data.make_synthetic_dataset``)."""
     recipe_data.make_synthetic_dataset(path, **kwargs)
     return path
+
+
+@contextlib.contextmanager
+def optimizer_groups() -> Iterator[list[list[dict]]]:
+    """The parameter groups (settings and parameter shapes) of every optimizer step taken inside the block."""
+    seen: list[list[dict]] = []
+
+    def hook(opt, args, kwargs):  # noqa: ANN001, ANN202
+        seen.append(
+            [
+                {
+                    **{k: v for k, v in g.items() if k != "params"},
+                    "shapes": [tuple(p.shape) for p in g["params"]],
+                }
+                for g in opt.param_groups
+            ]
+        )
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()

@@ -450,6 +450,36 @@ def test_refuses_unfinished_runs_and_missing_evaluation(tiny_run: Path, tmp_path
         )
 
 
+def test_weights_ema_publishes_the_ema_and_says_so(tiny_run: Path, tmp_path: Path) -> None:
+    """--weights ema: the run's model_best_ema.safetensors (not the model's), its recorded metrics, the card
+    naming the EMA; a run without an EMA is refused."""
+    run = json.loads((tiny_run / "run.json").read_text())
+    torch.manual_seed(7)
+    ema = timm.create_model(MODEL, num_classes=10).eval()
+    metrics = {"epoch": 2, **synthetic_evaluator(ema, {})}
+    run_dir = edit_run(
+        tiny_run,
+        tmp_path / "run",
+        metrics={**run["metrics"], "best_ema": metrics, "final_ema": metrics},
+        recipe={**run["recipe"], "model_ema": True, "model_ema_decay": 0.9998},
+    )
+    safetensors.torch.save_file(ema.state_dict(), run_dir / "model_best_ema.safetensors")
+    out = tmp_path / "out"
+    opts = pub.PublishOptions(repo_id=REPO_ID, dry_run=out, weights="ema")
+    summary = pub.publish(run_dir, opts, evaluator=synthetic_evaluator)
+    assert (
+        summary["metrics"]["weights"] == "best_ema" and summary["metrics"]["top1_err"] == metrics["top1_err"]
+    )
+    published = safetensors.torch.load_file(out / "model.safetensors")
+    assert all(torch.equal(published[k], v) for k, v in ema.state_dict().items())
+    card = (out / "README.md").read_text()
+    assert "exponential moving average of the weights" in card and "decay 0.9998" in card
+    assert "bounded by SVB" in card and "`best_ema` weights (epoch 2)" in card
+    with pytest.raises(pub.PublishError, match="no EMA"):
+        pub.publish(tiny_run, pub.PublishOptions(repo_id=REPO_ID, dry_run=tmp_path / "o2", weights="ema"))
+    assert "final_ema" in pub.build_parser().format_help()
+
+
 def test_check_folder_refuses_differences_and_pickles(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     pub.publish(tiny_run, pub.PublishOptions(repo_id=REPO_ID, dry_run=out), evaluator=synthetic_evaluator)

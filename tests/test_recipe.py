@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
 import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +19,13 @@ from recipe_helpers import (
     REPO,
     make_data,
     one_thread,  # noqa: F401  (autouse fixture)
+    optimizer_groups,
     recipe_data,
     recipe_engine,
     recipe_options,
     recipe_rundir,
     run_recipe,
 )
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import timm_svb  # noqa: F401  (registers the zoo)
 
@@ -507,26 +505,13 @@ def test_fine_tune_from_initial_checkpoint(tmp_path: Path, cifar_like: Path) -> 
     assert after["fc.weight"].shape[0] == 6
 
 
-@contextlib.contextmanager
-def optimizer_steps() -> Iterator[list[dict]]:
-    """The settings (lr, weight_decay, ...) of every optimizer step taken inside the block."""
-    seen: list[dict] = []
-    handle = register_optimizer_step_pre_hook(
-        lambda opt, args, kwargs: seen.append({k: v for k, v in opt.param_groups[0].items() if k != "params"})
-    )
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
 def test_warmup_rises_every_step(tmp_path: Path, cifar_like: Path) -> None:
     args = (
         "--epochs 2 --batch-size 4 --lr 0.1 --warmup-epochs 1 --warmup-lr 0.01 --no-svb --checkpoint-hist 0"
     )
-    with optimizer_steps() as steps:
+    with optimizer_groups() as steps:
         run_recipe([*args.split(), "--data-dir", str(cifar_like), "--output", str(tmp_path / "run")])
-    seen = [step["lr"] for step in steps]
+    seen = [step[0]["lr"] for step in steps]
     # 16 images, batch 4: 4 steps an epoch; step s of the warm-up epoch: 0.01 + (0.1 - 0.01) * s / 4
     warmup = [0.01 + 0.09 * s / 4 for s in range(4)]
     after = float(np.logspace(np.log10(0.1), np.log10(0.001), 80)[1 * 80 // 2])  # epoch 1 of 2, exp
@@ -542,14 +527,16 @@ def test_resume_with_more_epochs_follows_the_command_line(
     first = run_recipe([*common, "--epochs", "2", "--stop-after", "1", "--weight-decay", "0"])
     # 2 steps an epoch, bounding after every 3rd step: step 3 opens epoch 2, the final one of 2 epochs
     assert first.svb_steps == []
-    with caplog.at_level(logging.INFO, logger="recipes.train"), optimizer_steps() as steps:
+    with caplog.at_level(logging.INFO, logger="recipes.train"), optimizer_groups() as steps:
         resumed = run_recipe(
             [*common, "--epochs", "4", "--stop-after", "1", "--weight-decay", "1e-3", "--resume"]
         )
     assert resumed.start_epoch == 1 and not resumed.finished
     stages = np.logspace(np.log10(0.05), np.log10(0.001), 80)
-    assert [s["lr"] for s in steps] == pytest.approx([stages[1 * 80 // 4]] * 2, rel=1e-12)  # of 4, not of 2
-    assert [s["weight_decay"] for s in steps] == [1e-3, 1e-3]  # not the checkpoint's 0
+    assert [s[0]["lr"] for s in steps] == pytest.approx(
+        [stages[1 * 80 // 4]] * 2, rel=1e-12
+    )  # of 4, not of 2
+    assert [s[0]["weight_decay"] for s in steps] == [1e-3, 1e-3]  # not the checkpoint's 0
     assert resumed.svb_steps == [3, 6] and resumed.svb.num_applied == 1  # after step 3: not final of 4
     assert resumed.state.history[-1]["svb_applied"] == 1
     text = caplog.text

@@ -1,6 +1,6 @@
 """recipes/train.py on 2 CPU processes (torchrun, gloo), one launch of several runs: DDP training with
-gradient accumulation, SVB sharded over the ranks, per-rank augmentation, resume of a torch.compile'd run, a
-streamed training split."""
+gradient accumulation, SVB sharded over the ranks (and bounding the model EMA), per-rank augmentation, resume
+of a torch.compile'd run (its EMA too), a streamed training split."""
 
 from __future__ import annotations
 
@@ -57,6 +57,10 @@ def test_two_processes_end_identical(ranks: tuple[list[dict], Path]) -> None:
     assert a["steps"] == b["steps"] == 8 and a["num_applied"] == b["num_applied"] == a["expected"] == 2
     assert a["clipped"] > 0  # a tight band (0.05): the bounding changed weights, shared by broadcast
     assert same(a["state"], b["state"])  # parameters and BN statistics
+    # the EMA, bounded after each bounding of the model (a collective: on both ranks, or the run would hang),
+    # ends identical on both ranks, BN statistics averaged over them as the model's
+    assert a["ema_applied"] == b["ema_applied"] == 2 and same(a["ema_state"], b["ema_state"])
+    assert not same(a["ema_state"], a["state"])
     run = json.loads((tmp_path / "straight" / "run.json").read_text())
     assert run["recipe"]["num_processes"] == 2 and run["status"] == "finished"
     assert len(list((tmp_path / "straight" / "checkpoints" / "epoch_0002").glob("random_states_*.pkl"))) == 2
@@ -90,6 +94,7 @@ def test_compiled_run_resumes_bit_exact(ranks: tuple[list[dict], Path]) -> None:
     for r in (r0, r1):
         assert r["first"]["start_epoch"] == 0 and r["resumed"]["start_epoch"] == 1  # only epoch 2 retrained
         assert same(r["resumed"]["state"], r["straight"]["state"])
+        assert same(r["resumed"]["ema_state"], r["straight"]["ema_state"])  # the EMA resumed exactly
         assert r["resumed"]["seen"]["crops"] == r["straight"]["seen"]["crops"][16:]  # the same draws
 
 
