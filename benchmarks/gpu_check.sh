@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# GPU check for a lent GPU machine (under 5 minutes): prints a table of SVB.apply() on WRN-28-10 against
-# per-layer torch.linalg.svd and against one bf16 training step at batch 128, and images/s of a training
-# loop with and without SVB (see benchmarks/gpu_check.py for what each row measures).
+# GPU check for a lent GPU machine (under 5 minutes): a table of SVB.apply() (SVB + BBN) on WRN-28-10,
+# WRN-28-16, ResNet-50 and the pre-activation Inception-ResNet-v2, on He init and mid-training weights, each
+# against one bf16 training step and against a float64 SVD (benchmarks/gpu_check.py), then the recipe's own
+# images/s with and without SVB (benchmarks/recipe_throughput.py).
 #
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine, from anywhere
 #   bash benchmarks/gpu_check.sh --device cpu --small # smoke test on a CPU (figures mean nothing)
 #
-# Extra arguments go to benchmarks/gpu_check.py (--help lists them). PYTHON picks the interpreter and
-# GPU_CHECK_TIMEOUT the time limit in seconds (default 290).
+# Extra arguments go to both scripts (--help lists them; each ignores the other's). PYTHON picks the
+# interpreter, GPU_CHECK_TIMEOUT the time limit of gpu_check.py in seconds (default 210), GPU_CHECK_TOTAL that
+# of the whole check (default 295).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-$(command -v python || command -v python3 || echo python)}"
-TIMEOUT="${GPU_CHECK_TIMEOUT:-290}"
+TIMEOUT="${GPU_CHECK_TIMEOUT:-210}"
 
 echo "== gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), repository $(pwd), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -841,8 +842,8 @@ def train_epochs(
             stats = ema_svb.last_stats
             row.update(
                 ema_svb_clipped=stats.clipped if stats else None,
-                ema_svb_sv_min=stats.sv_min if stats else None,
-                ema_svb_sv_max=stats.sv_max if stats else None,
+                ema_svb_sv_min=_solved_extreme(stats.sv_min) if stats else None,
+                ema_svb_sv_max=_solved_extreme(stats.sv_max) if stats else None,
             )
         new_best = run.state.record(row)
         save_checkpoint(accelerator, run.run_dir, epoch + 1, args.checkpoint_hist)
@@ -861,8 +862,8 @@ def _svb_row(svb: RecordingSVB, applied_before: int) -> dict[str, Any]:
         "svb_applied_total": svb.num_applied,
         "svb_s": svb.seconds,
         "svb_clipped": stats.clipped if stats else None,
-        "svb_sv_min": stats.sv_min if stats else None,
-        "svb_sv_max": stats.sv_max if stats else None,
+        "svb_sv_min": _solved_extreme(stats.sv_min) if stats else None,
+        "svb_sv_max": _solved_extreme(stats.sv_max) if stats else None,
         "bbn_clipped": stats.bn_clipped if stats else None,
     }
 
@@ -1143,10 +1144,19 @@ def _band_epsilon(svb: Any) -> float:
     return svb.epsilon if svb is not None else 0.5
 
 
+def _solved_extreme(value: float) -> float | None:
+    """``SVBStats.sv_min`` / ``sv_max`` for summary.csv: None (an empty cell) when the certificate proved
+    every layer in band, so no solver computed singular values."""
+    return None if math.isnan(value) else value
+
+
 def _describe_svb(stats: Any) -> str:
     if stats is None:
         return ""
-    text = f"sv {stats.sv_min:.3f}..{stats.sv_max:.3f}, {stats.clipped} clipped"
+    text = f"{stats.certified}/{stats.layers} layers certified in band"
+    if stats.certified < stats.layers:
+        text += f", sv {stats.sv_min:.3f}..{stats.sv_max:.3f} in the others"
+    text += f", {stats.clipped} clipped"
     if stats.bn_layers:
         text += f", {stats.bn_clipped} BN scales bounded"
     return text

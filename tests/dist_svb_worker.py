@@ -20,11 +20,14 @@ from timm_svb import SVB, SVBError
 
 
 def recorded(name: str, calls: list):
-    """The engine's solver ``name`` (looked up at call time), keeping a copy of its first argument."""
+    """The engine's step ``name`` (looked up at call time), keeping a copy of its first argument (the
+    weight matrices of a stack, or the gammas of a group of BN layers)."""
     real = getattr(timm_svb.svb, name)
 
     def recording(first, *args, **kwargs):
-        calls.append(first.detach().clone())
+        calls.append(
+            [t.detach().clone() for t in first] if isinstance(first, list) else first.detach().clone()
+        )
         return real(first, *args, **kwargs)
 
     return recording
@@ -43,7 +46,7 @@ def train_and_observe(rank: int) -> dict:
         if svb.step == 6:
             handle.remove()
     before_last = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
-    solved: dict[str, list] = {"clip_singular_values": [], "bbn_gamma": []}
+    solved: dict[str, list] = {"_certify_parts": [], "bbn_gamma": []}
     real = {name: getattr(timm_svb.svb, name) for name in solved}
     for name, calls in solved.items():
         setattr(timm_svb.svb, name, recorded(name, calls))
@@ -68,7 +71,7 @@ def one_rank_fails(rank: int) -> dict:
         def broken_solver(*args, **kwargs):
             raise RuntimeError("injected solver failure")
 
-        timm_svb.svb.clip_singular_values = broken_solver
+        timm_svb.svb._solve = broken_solver
     start = time.perf_counter()
     try:
         svb.apply()

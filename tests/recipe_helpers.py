@@ -22,6 +22,7 @@ import engine as recipe_engine  # noqa: E402
 import options as recipe_options  # noqa: E402
 import rundir as recipe_rundir  # noqa: E402
 import train  # noqa: E402
+import trainer as recipe_trainer  # noqa: E402
 import validate as recipe_validate  # noqa: E402
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "recipe_engine",
     "recipe_options",
     "recipe_rundir",
+    "recipe_trainer",
     "recipe_validate",
     "run_recipe",
 ]

@@ -64,17 +64,26 @@ SPECTRA = [(0.3, 3.0), (0.8, 1.2), (1e-5, 10.0), (1e-3, 1e-2), (5.0, 10.0), (0.9
 def test_clip_matches_float64_svd(shape, spectrum, epsilon):
     rng = np.random.default_rng(hash((shape, spectrum, epsilon)) % 2**32)
     mats = np.stack([with_spectrum(*shape, *spectrum, rng) for _ in range(3)]).astype(np.float32)
-    result = clip_singular_values(torch.from_numpy(mats), epsilon)
     lo, hi = band(epsilon)
-    for got, mat, s_min, s_max in zip(result.matrices, mats, result.sv_min, result.sv_max, strict=True):
-        got = got.double().numpy()
-        expected = reference_bound(mat, epsilon)
-        assert rel_err(got, expected) <= 1e-4
-        s_got = np.linalg.svd(got, compute_uv=False)
-        assert s_got.min() >= lo * (1 - PROMISED_SLACK) and s_got.max() <= hi * (1 + PROMISED_SLACK)
+    certified = clip_singular_values(torch.from_numpy(mats), epsilon)
+    solved = clip_singular_values(torch.from_numpy(mats), epsilon, certify=False)
+    assert not solved.certified.any()
+    for i, mat in enumerate(mats):
         s_true = np.linalg.svd(mat.astype(np.float64), compute_uv=False)
-        assert s_min.item() == pytest.approx(s_true.min(), rel=1e-4)
-        assert s_max.item() == pytest.approx(s_true.max(), rel=1e-4)
+        for result in (certified, solved):
+            got = result.matrices[i].double().numpy()
+            assert rel_err(got, reference_bound(mat, epsilon)) <= 1e-4
+            s_got = np.linalg.svd(got, compute_uv=False)
+            assert s_got.min() >= lo * (1 - PROMISED_SLACK) and s_got.max() <= hi * (1 + PROMISED_SLACK)
+        assert solved.sv_min[i].item() == pytest.approx(s_true.min(), rel=1e-4)
+        assert solved.sv_max[i].item() == pytest.approx(s_true.max(), rel=1e-4)
+        if certified.certified[i]:  # proved in band: no solver ran, nothing changed
+            assert s_true.min() >= lo * (1 - PROMISED_SLACK) and s_true.max() <= hi * (1 + PROMISED_SLACK)
+            assert torch.equal(certified.matrices[i], torch.from_numpy(mat))
+            assert math.isnan(certified.sv_min[i].item()) and certified.num_clipped[i].item() == 0
+        else:
+            assert torch.equal(certified.matrices[i], solved.matrices[i])
+            assert certified.sv_min[i].item() == solved.sv_min[i].item()
 
 
 def test_ill_conditioned_takes_float64_fallback_and_is_exact():
@@ -339,15 +348,18 @@ IEEE_FLOAT32 = ("ieee", "ieee", "highest", False, False)
 class PrecisionRecorder(TorchFunctionMode):
     """Records the precision settings in force at every matmul, eigh and SVD the engine runs."""
 
-    OPS = {"matmul", "__matmul__", "mm", "bmm", "linalg_eigh", "linalg_svd", "linalg_svdvals"}
+    OPS = {"matmul", "__matmul__", "mm", "bmm", "baddbmm", "baddbmm_", "linalg_eigh", "linalg_cholesky_ex"}
+    OPS |= {"linalg_svd", "linalg_svdvals"}
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[tuple] = []
+        self.names: set[str] = set()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__name__", "") in self.OPS:
             self.seen.append(precision_in_force())
+            self.names.add(func.__name__)
         return func(*args, **(kwargs or {}))
 
 
@@ -368,6 +380,7 @@ def test_engine_math_is_ieee_float32_under_every_precision_setting(setting, clea
         result = clip_singular_values(torch.from_numpy(mats), 0.5)
         spectrum = singular_values(torch.from_numpy(mats[1]))
     assert recorder.seen and set(recorder.seen) == {IEEE_FLOAT32}
+    assert {"bmm", "linalg_cholesky_ex", "linalg_eigh"} <= recorder.names  # certificate and solver
     for got, mat in zip(result.matrices, mats, strict=True):
         assert rel_err(got.double().numpy(), reference_bound(mat, 0.5)) <= 1e-4
     np.testing.assert_allclose(spectrum[0].numpy(), np.linalg.svd(mats[1].astype(np.float64))[1], rtol=1e-6)

@@ -24,6 +24,7 @@ from recipe_helpers import (
     recipe_engine,
     recipe_options,
     recipe_rundir,
+    recipe_trainer,
     run_recipe,
 )
 
@@ -581,3 +582,22 @@ def test_compiled_run_saves_timm_weights_publishes_and_resumes(tmp_path: Path, c
     resumed = run_recipe([*common, "--epochs", "2", "--resume"])
     assert resumed.start_epoch == 1 and resumed.finished
     assert not torch.equal(resumed.model.fc.weight, compiled.model.fc.weight)  # it trained on from there
+
+
+def test_svb_log_and_summary_when_the_certificate_proves_every_layer_in_band():
+    # certified layers get no solver, so no singular values: the log says so and summary.csv leaves the cells
+    # empty instead of writing NaN
+    model = timm.create_model("convnet20_svb", num_classes=10)  # orthogonal init: every layer in band
+    svb = recipe_engine.RecordingSVB(model, epsilon=0.5)
+    stats = svb.apply()
+    assert stats.certified == stats.layers == 20
+    assert recipe_trainer._describe_svb(stats) == "20/20 layers certified in band, 0 clipped"
+    row = recipe_trainer._svb_row(svb, applied_before=0)
+    assert row["svb_sv_min"] is None and row["svb_sv_max"] is None and row["svb_clipped"] == 0
+    with torch.no_grad():
+        model.get_classifier().weight.mul_(3.0)  # the head leaves the band: the solver sees it alone
+    stats = svb.apply()
+    described = recipe_trainer._describe_svb(stats)
+    assert described.startswith("19/20 layers certified in band, sv ") and "nan" not in described
+    row = recipe_trainer._svb_row(svb, applied_before=0)
+    assert row["svb_sv_max"] > 1.5 and row["svb_clipped"] > 0

@@ -489,7 +489,7 @@ def test_one_process_failure_is_an_svb_error_and_writes_nothing(monkeypatch):
 
     net = small_net()
     snapshot = {k: v.clone() for k, v in net.state_dict().items()}
-    monkeypatch.setattr(timm_svb.svb, "clip_singular_values", broken)
+    monkeypatch.setattr(timm_svb.svb, "_solve", broken)
     with pytest.raises(SVBError, match=r"failed in layer\(s\) '0'.*RuntimeError: solver exploded.*Nothing"):
         SVB(net, bbn_epsilon=1.0).apply()
     for k, v in net.state_dict().items():
@@ -606,7 +606,7 @@ def two_process_run(tmp_path_factory):
 
 
 def solved_by(rank_result: dict, net: nn.Module) -> set[str]:
-    """The layers whose matrices (or gammas) this rank handed to the solvers, matched by value."""
+    """The layers whose matrices (or gammas) this rank handed to the engine, matched by value."""
     state = rank_result["before_last"]
     names = set()
     for name, module in net.named_modules():
@@ -614,13 +614,13 @@ def solved_by(rank_result: dict, net: nn.Module) -> set[str]:
             groups = getattr(module, "groups", 1)
             w = state[f"{name}.weight"]
             mats = w.reshape(groups, w.shape[0] // groups, -1)
-            for batch in rank_result["solved"]["clip_singular_values"]:
-                if batch.shape[1:] == mats.shape[1:] and any(
-                    torch.equal(batch[i : i + groups], mats) for i in range(batch.shape[0] - groups + 1)
-                ):
+            mats = mats.mT if mats.shape[1] > mats.shape[2] else mats  # the engine's orientation
+            for parts in rank_result["solved"]["_certify_parts"]:
+                if any(torch.equal(part, mats) for part in parts):
                     names.add(name)
         elif isinstance(module, nn.BatchNorm2d):
-            if any(torch.equal(g, state[f"{name}.weight"]) for g in rank_result["solved"]["bbn_gamma"]):
+            gammas = rank_result["solved"]["bbn_gamma"]
+            if any(torch.equal(g, state[f"{name}.weight"]) for stack in gammas for g in stack):
                 names.add(name)
     return names
 

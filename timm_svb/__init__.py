@@ -4,7 +4,14 @@ Importing this package registers the SVB/BBN model zoo with timm (``timm.create_
 """
 
 from . import models  # noqa: F401  (registers the timm models)
-from .functional import bbn_gamma, bbn_ratio, clip_singular_values, orthogonal_init_, singular_values
+from .functional import (
+    bbn_gamma,
+    bbn_ratio,
+    certify_in_band,
+    clip_singular_values,
+    orthogonal_init_,
+    singular_values,
+)
 from .spectrum import model_spectrum, plot_spectra
 from .svb import SVB, LayerStats, NonFiniteWeightError, SVBError, SVBStats
 
@@ -18,6 +25,7 @@ __all__ = [
     "SVBStats",
     "bbn_gamma",
     "bbn_ratio",
+    "certify_in_band",
     "clip_singular_values",
     "model_spectrum",
     "orthogonal_init_",

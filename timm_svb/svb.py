@@ -9,8 +9,10 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -19,15 +21,29 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from .functional import bbn_alpha, bbn_gamma, bbn_ratio, check_epsilon, clip_singular_values, weight_matrices
+from .functional import (
+    _certify_parts,
+    _full_precision,
+    _index,
+    _oriented,
+    _solve,
+    _take,
+    band_slack,
+    bbn_alpha,
+    bbn_gamma,
+    bbn_ratio,
+    check_epsilon,
+    weight_matrices,
+)
 
 __all__ = ["SVB", "LayerStats", "SVBStats", "NonFiniteWeightError", "SVBError", "DEFAULT_LAYER_TYPES"]
 
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
-# Columns of the per-layer statistics table that ranks sum-reduce: every rank fills only its own rows.
-_MIN, _MAX, _CLIPPED, _NONFINITE, _FALLBACK, _DEGENERATE, _ERROR = range(7)
-_COLUMNS = 7
+# Columns of the per-layer statistics table (host memory) that ranks sum-reduce: every rank fills only its
+# own rows.
+_MIN, _MAX, _CLIPPED, _NONFINITE, _FALLBACK, _DEGENERATE, _ERROR, _CERTIFIED = range(8)
+_COLUMNS = 8
 # Bytes of each rank's error message that reach the other ranks.
 _MESSAGE_BYTES = 1024
 
@@ -44,13 +60,15 @@ class SVBError(RuntimeError):
 class LayerStats:
     """What :meth:`SVB.apply` saw and did in one layer.
 
-    For a conv/linear layer ``sv_min``/``sv_max`` are its extreme singular values before bounding (over all
-    groups) and ``clipped`` counts the singular values moved into the band; ``fallback`` is True if a
-    float64 route was needed (condition number beyond the float32 Gram's limit) and ``degenerate`` if a
-    weight matrix (of some group) is all zero and was left as it is. For a BN layer they are the extremes of
-    the ratio ``gamma / (sigma * alpha)`` (``gamma / mean(gamma)`` in "rel" mode) and ``clipped`` counts the
-    gammas changed; ``degenerate`` means ``alpha <= 0`` (the layer was left as it is, ratios NaN).
-    ``skipped`` means NaN/Inf (nothing was written).
+    For a conv/linear layer ``certified`` means the certificate proved every singular value in band, so
+    no solver ran and nothing changed; then ``sv_min``/``sv_max`` are NaN (not computed). Otherwise they
+    are its extreme singular values before bounding (over the groups the solver saw) and ``clipped``
+    counts the singular values moved into the band; ``fallback`` is True if a float64 route was needed
+    (condition number beyond the float32 Gram's limit) and ``degenerate`` if a weight matrix (of some
+    group) is all zero and was left as it is. For a BN layer they are the extremes of the ratio
+    ``gamma / (sigma * alpha)`` (``gamma / mean(gamma)`` in "rel" mode) and ``clipped`` counts the gammas
+    changed; ``degenerate`` means ``alpha <= 0`` (the layer was left as it is, ratios NaN). ``skipped``
+    means NaN/Inf (nothing was written).
     """
 
     kind: str
@@ -60,14 +78,17 @@ class LayerStats:
     fallback: bool = False
     skipped: bool = False
     degenerate: bool = False
+    certified: bool = False
 
 
 @dataclass
 class SVBStats:
     """Summary of one :meth:`SVB.apply`; ``per_layer`` is filled when asked for.
 
-    ``skipped`` names the layers left alone for NaN/Inf, ``degenerate`` those left alone because there was
-    nothing to bound (an all-zero weight matrix, BN gammas averaging to <= 0).
+    ``certified`` counts the conv/linear layers proved in band without a solver; ``sv_min``/``sv_max`` are
+    the extremes over the layers the solver saw (NaN if it saw none). ``skipped`` names the layers left
+    alone for NaN/Inf, ``degenerate`` those left alone because there was nothing to bound (an all-zero
+    weight matrix, BN gammas averaging to <= 0).
     """
 
     layers: int
@@ -76,6 +97,7 @@ class SVBStats:
     sv_max: float
     bn_layers: int = 0
     bn_clipped: int = 0
+    certified: int = 0
     skipped: list[str] = field(default_factory=list)
     degenerate: list[str] = field(default_factory=list)
     per_layer: dict[str, LayerStats] | None = None
@@ -87,6 +109,7 @@ class SVBStats:
             "svb/clipped": self.clipped,
             "svb/sv_min": self.sv_min,
             "svb/sv_max": self.sv_max,
+            "svb/certified": self.certified,
             "bbn/layers": self.bn_layers,
             "bbn/clipped": self.bn_clipped,
             "svb/skipped": len(self.skipped),
@@ -130,6 +153,9 @@ class SVB:
         process_group: ``torch.distributed`` group to shard the work over (default: the world, when
             initialised). Each rank bounds its share, then the changed layers are broadcast, so every rank
             ends with bitwise identical weights. :meth:`apply` is then a collective.
+        certify: prove in-band layers in band with one Cholesky factorisation per shape instead of solving
+            them (default). ``False`` solves every layer, so the statistics hold every layer's extreme
+            singular values (at several times the cost between applies).
     """
 
     def __init__(
@@ -149,6 +175,7 @@ class SVB:
         bbn_mode: str = "sigma",
         on_nonfinite: str = "raise",
         process_group: Any = None,
+        certify: bool = True,
     ) -> None:
         self.epsilon = check_epsilon(epsilon, "epsilon")
         self.bbn_epsilon = None if bbn_epsilon is None else check_epsilon(bbn_epsilon, "bbn_epsilon")
@@ -170,6 +197,7 @@ class SVB:
         self.bbn_mode = bbn_mode
         self.on_nonfinite = on_nonfinite
         self.process_group = process_group
+        self.certify = bool(certify)
         self.model = model
         _refuse_sharded(model)
         self.layers = select_layers(model, include, exclude, layer_types, self.bbn_epsilon is not None)
@@ -288,7 +316,7 @@ class SVB:
         rank, world = _rank_and_world(self.process_group)
         owners = _assign_owners(self.layers, world)
         mine = [i for i, owner in enumerate(owners) if owner == rank]
-        table = torch.zeros(len(self.layers), _COLUMNS, dtype=torch.float64)
+        table = np.zeros((len(self.layers), _COLUMNS))
         results, error = self._bound_local(mine, table, rank)
         if world > 1:
             table = self._all_reduce(table)
@@ -324,100 +352,175 @@ class SVB:
         return self._stats(table, bad, degenerate, per_layer)
 
     def _bound_local(
-        self, indices: list[int], table: torch.Tensor, rank: int
+        self, indices: list[int], table: np.ndarray, rank: int
     ) -> tuple[dict[int, torch.Tensor], Exception | None]:
-        """Bound this rank's layers one unit at a time; an error marks its unit's rows and stops the rest."""
+        """Bound this rank's layers, filling their rows of ``table``; returns the new weights / gammas.
+
+        Two passes keep the host out of the device's way: first the certificate of every weight stack and
+        the whole of BBN are queued on the device and their outcome comes back in one transfer; then only
+        the stacks holding matrices the certificate left go to the solver (a few host decisions per
+        stack). An error marks the rows of the unit it came from (all of this rank's if outside one) and
+        stops the rest.
+        """
         results: dict[int, torch.Tensor] = {}
-        for unit in self._units(indices):
-            try:
-                if self.layers[unit[0]].kind == "bn":
-                    results.update(self._bound_bn(unit[0], table))
-                else:
-                    results.update(self._bound_weights(unit, table))
-            except Exception as exc:  # re-raised on every rank by apply(), after the collective
-                table[unit, _ERROR] = rank + 1
-                return results, exc
+        unit = indices
+        try:
+            with _full_precision():
+                started = []
+                for unit in self._units(indices):
+                    kind = self.layers[unit[0]].kind
+                    started.append((unit, self._start_bn(unit) if kind == "bn" else self._certify(unit)))
+                unit = indices
+                outcomes = _to_host([work[-1] for _, work in started])
+                for (unit, work), outcome in zip(started, outcomes, strict=True):
+                    if self.layers[unit[0]].kind == "bn":
+                        results.update(self._finish_bn(unit, work, outcome, table))
+                    else:
+                        results.update(self._finish_weights(unit, work, outcome, table))
+        except Exception as exc:  # re-raised on every rank by apply(), after the collective
+            table[unit, _ERROR] = rank + 1
+            return results, exc
         return results, None
 
     def _units(self, indices: list[int]) -> Iterator[list[int]]:
-        """Layers bounded together: conv/linear layers whose matrices share shape, dtype and device; a BN."""
+        """Layers bounded together: conv/linear layers whose matrices share shape, dtype and device; BN
+        layers of one size, dtype and device."""
         by_shape: dict[tuple, list[int]] = defaultdict(list)
         for i in indices:
             module = self.layers[i].module
-            if self.layers[i].kind == "bn":
-                yield [i]
-                continue
             weight = module.weight
-            groups = getattr(module, "groups", 1)
-            key = (weight.shape[0] // groups, weight[0].numel(), weight.dtype, weight.device)
+            if self.layers[i].kind == "bn":
+                key = ("bn", weight.shape, weight.dtype, weight.device)
+            else:
+                groups = getattr(module, "groups", 1)
+                key = (weight.shape[0] // groups, weight[0].numel(), weight.dtype, weight.device)
             by_shape[key].append(i)
         yield from by_shape.values()
 
-    def _bound_weights(self, indices: list[int], table: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Bound the conv/linear layers ``indices`` (one matrix shape) in one batched call."""
-        group = []
-        for i in indices:
-            weight = self.layers[i].module.weight
-            if not torch.isfinite(weight).all():
-                table[i, _NONFINITE] = 1
-                continue
-            group.append((i, weight_matrices(weight, getattr(self.layers[i].module, "groups", 1))))
-        if not group:
+    def _matrices(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s weight matrices, oriented (smaller side first) in the compute dtype: a view of a
+        contiguous float32 weight, a copy otherwise."""
+        module = self.layers[i].module
+        # contiguous: the same products (and bits) whatever the weight's memory format
+        return _oriented(weight_matrices(module.weight.detach(), getattr(module, "groups", 1)).contiguous())
+
+    def _certify(self, unit: list[int]) -> tuple:
+        """Queue the certificate of a weight stack: ``(matrices per layer, their Gram, certified mask)``;
+        no host sync. Without ``certify`` nothing is certified and the solver forms the Gram."""
+        parts = [self._matrices(i) for i in unit]
+        if not self.certify:
+            count = sum(len(part) for part in parts)
+            return parts, None, torch.zeros(count, dtype=torch.bool, device=parts[0].device)
+        certified, gram = _certify_parts(parts, self.epsilon, self._slack(unit))
+        return parts, gram, certified
+
+    def _slack(self, unit: list[int]) -> float:
+        return band_slack(self.layers[unit[0]].module.weight.dtype)
+
+    def _finish_weights(
+        self, unit: list[int], work: tuple, certified: list[float], table: np.ndarray
+    ) -> dict[int, torch.Tensor]:
+        """Solve the matrices of a weight stack that the certificate left, fill the stack's rows of the
+        table and return the new weights of the layers that changed."""
+        parts, gram, _ = work
+        offsets = np.cumsum([0] + [len(part) for part in parts]).tolist()
+        rest = [row for row, done in enumerate(certified) if not done]
+        # per layer: its matrices the solver takes, and where they sit in the solver's stack
+        local = [[row - start for row in rest if start <= row < end] for start, end in pairwise(offsets)]
+        first = np.cumsum([0] + [len(rows) for rows in local]).tolist()
+        for i, rows in zip(unit, local, strict=True):
+            table[i, _CERTIFIED] = not rows
+            table[i, [_MIN, _MAX]] = math.nan
+        if not rest:
             return {}
-        result = clip_singular_values(torch.cat([mats for _, mats in group]), self.epsilon)
+        pieces = [_take(part, rows) for part, rows in zip(parts, local, strict=True) if rows]
+        solved = _solve(
+            torch.cat(pieces) if len(pieces) > 1 else pieces[0],
+            None if gram is None else _take(gram, rest),
+            self.epsilon,
+            self._slack(unit),
+        )
+        columns = [solved.sv[:, 0], solved.sv[:, -1], solved.num_clipped, solved.fallback, solved.degenerate]
+        stats = torch.stack([c.double() for c in [*columns, solved.nonfinite]], -1).tolist()  # one transfer
         results = {}
-        start = 0
-        for i, mats in group:
-            rows = slice(start, start + mats.shape[0])
-            start += mats.shape[0]
-            table[i, _MIN] = result.sv_min[rows].min().item()
-            table[i, _MAX] = result.sv_max[rows].max().item()
-            table[i, _FALLBACK] = result.fallback[rows].any().item()
-            table[i, _DEGENERATE] = result.degenerate[rows].any().item()
-            clipped = int(result.num_clipped[rows].sum())
-            if not clipped:
+        for k, (i, rows) in enumerate(zip(unit, local, strict=True)):
+            if not rows:
                 continue
-            new = result.matrices[rows]
-            if not torch.isfinite(new).all():
+            mine = stats[first[k] : first[k + 1]]
+            if any(row[5] for row in mine):
                 table[i, _NONFINITE] = 1
                 continue
-            table[i, _CLIPPED] = clipped
-            weight = self.layers[i].module.weight
-            results[i] = new.reshape(weight.shape).to(weight.dtype)
+            table[i, _MIN] = min((row[0] for row in mine if not math.isnan(row[0])), default=math.nan)
+            table[i, _MAX] = max((row[1] for row in mine if not math.isnan(row[1])), default=math.nan)
+            table[i, [_FALLBACK, _DEGENERATE]] = any(row[3] for row in mine), any(row[4] for row in mine)
+            table[i, _CLIPPED] = sum(row[2] for row in mine)
+            if table[i, _CLIPPED]:
+                new = solved.matrices[first[k] : first[k + 1]]
+                if len(rows) < len(parts[k]):  # some of the layer's groups were certified
+                    new, solved_rows = parts[k].clone(), new
+                    new[_index(rows, new.device)] = solved_rows
+                weight = self.layers[i].module.weight
+                if new.shape[-2] != len(weight) // getattr(self.layers[i].module, "groups", 1):
+                    new = new.mT  # back from the smaller-side-first orientation
+                results[i] = new.reshape(weight.shape).to(weight.dtype)
         return results
 
-    def _bound_bn(self, i: int, table: torch.Tensor) -> dict[int, torch.Tensor]:
-        bn = self.layers[i].module
-        var = bn.running_var if self.bbn_mode == "sigma" else None
-        if not torch.isfinite(bn.weight).all() or (var is not None and not torch.isfinite(var).all()):
-            table[i, _NONFINITE] = 1
-            return {}
-        if not bbn_alpha(bn.weight, var, bn.eps, self.bbn_mode) > 0:
-            table[i, [_MIN, _MAX, _DEGENERATE]] = torch.tensor([math.nan, math.nan, 1.0], dtype=table.dtype)
-            return {}
-        ratio = bbn_ratio(bn.weight, var, bn.eps, self.bbn_mode)
-        table[i, _MIN], table[i, _MAX] = ratio.min().item(), ratio.max().item()
-        new = bbn_gamma(bn.weight, var, bn.eps, self.bbn_epsilon, self.bbn_mode)
-        changed = int((new != bn.weight).sum())
-        if not changed:
-            return {}
-        if not torch.isfinite(new).all():
-            table[i, _NONFINITE] = 1
-            return {}
-        table[i, _CLIPPED] = changed
-        return {i: new}
+    def _start_bn(self, unit: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queue BBN for BN layers of one size: ``(new gammas, per-layer summary)``; no host sync."""
+        bns = [self.layers[i].module for i in unit]
+        gamma = torch.stack([bn.weight.detach() for bn in bns])
+        var = torch.stack([bn.running_var for bn in bns]) if self.bbn_mode == "sigma" else None
+        eps = bns[0].eps
+        if any(bn.eps != eps for bn in bns):
+            dtype = torch.float64 if gamma.dtype == torch.float64 else torch.float32
+            eps = torch.tensor([[bn.eps] for bn in bns], dtype=dtype, device=gamma.device)
+        finite = torch.isfinite(gamma).all(-1)
+        if var is not None:
+            finite &= torch.isfinite(var).all(-1)
+        ratio = bbn_ratio(gamma, var, eps, self.bbn_mode)
+        new = bbn_gamma(gamma, var, eps, self.bbn_epsilon, self.bbn_mode)
+        columns = [
+            ratio.amin(-1),
+            ratio.amax(-1),
+            (new != gamma).sum(-1),
+            finite,
+            bbn_alpha(gamma, var, eps, self.bbn_mode) > 0,
+            torch.isfinite(new).all(-1),
+        ]
+        return new, torch.stack([c.double() for c in columns], -1)
+
+    def _finish_bn(
+        self, unit: list[int], work: tuple, summary: list[list[float]], table: np.ndarray
+    ) -> dict[int, torch.Tensor]:
+        """The statistics and new gammas of BN layers from their summary (see :meth:`_start_bn`)."""
+        new, _ = work
+        results = {}
+        for b, (i, row) in enumerate(zip(unit, summary, strict=True)):
+            ratio_min, ratio_max, changed, finite, positive, new_finite = row
+            if not finite:
+                table[i, _NONFINITE] = 1
+            elif not positive:
+                table[i, [_MIN, _MAX, _DEGENERATE]] = math.nan, math.nan, 1
+            else:
+                table[i, [_MIN, _MAX]] = ratio_min, ratio_max
+                if changed and not new_finite:
+                    table[i, _NONFINITE] = 1
+                elif changed:
+                    table[i, _CLIPPED] = changed
+                    results[i] = new[b]
+        return results
 
     def _collective_device(self) -> torch.device:
         if dist.get_backend(self.process_group) == "gloo":
             return torch.device("cpu")
         return self.layers[0].module.weight.device
 
-    def _all_reduce(self, table: torch.Tensor) -> torch.Tensor:
-        reduced = table.to(self._collective_device())
+    def _all_reduce(self, table: np.ndarray) -> np.ndarray:
+        reduced = torch.from_numpy(table).to(self._collective_device())
         dist.all_reduce(reduced, group=self.process_group)
-        return reduced.cpu()
+        return reduced.cpu().numpy()
 
-    def _failure(self, table: torch.Tensor, error: Exception | None, world: int) -> SVBError:
+    def _failure(self, table: np.ndarray, error: Exception | None, world: int) -> SVBError:
         """The error every rank raises: which rank failed in which layers, with what (text from each rank)."""
         text = "" if error is None else f"{type(error).__name__}: {error}"
         messages = (
@@ -437,19 +540,21 @@ class SVB:
         )
 
     def _stats(
-        self, table: torch.Tensor, skipped: list[str], degenerate: list[str], per_layer: bool
+        self, table: np.ndarray, skipped: list[str], degenerate: list[str], per_layer: bool
     ) -> SVBStats:
         weights = [
             i for i, layer in enumerate(self.layers) if layer.kind == "weight" and table[i, _NONFINITE] == 0
         ]
         bns = [i for i, layer in enumerate(self.layers) if layer.kind == "bn" and table[i, _NONFINITE] == 0]
+        solved = [i for i in weights if not math.isnan(table[i, _MIN])]  # certified layers have no values
         stats = SVBStats(
             layers=len(weights),
             clipped=int(table[weights, _CLIPPED].sum()),
-            sv_min=float(table[weights, _MIN].min()) if weights else math.nan,
-            sv_max=float(table[weights, _MAX].max()) if weights else math.nan,
+            sv_min=float(table[solved, _MIN].min()) if solved else math.nan,
+            sv_max=float(table[solved, _MAX].max()) if solved else math.nan,
             bn_layers=len(bns),
             bn_clipped=int(table[bns, _CLIPPED].sum()),
+            certified=int(table[weights, _CERTIFIED].sum()),
             skipped=skipped,
             degenerate=degenerate,
         )
@@ -463,6 +568,7 @@ class SVB:
                     fallback=bool(row[_FALLBACK]),
                     skipped=bool(row[_NONFINITE]),
                     degenerate=bool(row[_DEGENERATE]),
+                    certified=bool(row[_CERTIFIED]),
                 )
                 for layer, row in zip(self.layers, table, strict=True)
             }
@@ -473,7 +579,7 @@ class SVB:
         return (
             f"SVB(epsilon={self.epsilon}, bbn_epsilon={self.bbn_epsilon}, "
             f"every_n_steps={self.every_n_steps}, layers={len(self.layers) - n_bn}, bn_layers={n_bn}, "
-            f"step={self._steps})"
+            f"certify={self.certify}, step={self._steps})"
         )
 
 
@@ -625,3 +731,21 @@ def _broadcast_layers(layers: list[_Layer], owners: list[int], group: Any) -> No
         for t in tensors:
             t.copy_(flat[start : start + t.numel()].view_as(t))
             start += t.numel()
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[list]:
+    """The values of small device tensors as host lists (2-D tensors as lists of rows), in one transfer
+    per device: the only place :meth:`SVB.apply` waits for the device when no layer needs the solver."""
+    flat = [t.detach().reshape(-1).double() for t in tensors]
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for k, t in enumerate(flat):
+        by_device[t.device].append(k)
+    values: list[list] = [[] for _ in tensors]
+    for ks in by_device.values():
+        host = torch.cat([flat[k] for k in ks]).tolist()
+        for k in ks:
+            values[k], host = host[: flat[k].numel()], host[flat[k].numel() :]
+            if tensors[k].dim() == 2:
+                width = tensors[k].shape[1]
+                values[k] = [values[k][r : r + width] for r in range(0, len(values[k]), width)]
+    return values
