@@ -127,6 +127,18 @@ MUTANTS: tuple[Mutant, ...] = (
         """,
     ),
     Mutant(
+        name="certificate-without-rounding-margin",
+        breaks="the certificate trusts its rounded Gram: a matrix just outside the band can pass as in band",
+        tests=(
+            "tests/test_svb_certificate.py::test_just_inside_and_just_outside_each_edge",
+            "tests/test_svb_certificate.py::test_never_certifies_a_matrix_a_float64_svd_puts_outside_the_band",
+        ),
+        patch="""
+            from timm_svb import functional as f
+            f._certificate_margin = lambda trace, *args: trace * 0
+        """,
+    ),
+    Mutant(
         name="precision-guard-removed",
         breaks="TF32 / bf16 matmul settings (new or legacy API) and autocast enter the SVB math",
         tests=("tests/test_functional.py::test_engine_math_is_ieee_float32_under_every_precision_setting",),
