@@ -147,6 +147,7 @@ class Row:
     model: str
     batch: int
     layers: int
+    bn_layers: int
     he_ms: float
     he_err: float
     he_clipped: int
@@ -157,7 +158,7 @@ class Row:
 
     def cells(self) -> list[str]:
         return [
-            f"{self.model} (batch {self.batch}, {self.layers} layers)",
+            f"{self.model} (batch {self.batch}, {self.layers} conv/linear + {self.bn_layers} BN layers)",
             f"{self.he_ms:.1f} ms ({self.he_err:.0e}; {self.he_clipped} clipped)",
             f"{self.mid_ms:.1f} ms ({self.mid_err:.0e}; {self.mid_certified} certified)",
             f"{self.step_ms:.1f} ms",
@@ -182,6 +183,7 @@ def measure(name: str, batch: int, device: torch.device, args: argparse.Namespac
         model = model.to(memory_format=torch.channels_last)
     svb = SVB(model, epsilon=args.epsilon, bbn_epsilon=args.bbn_epsilon)
     layers = sum(layer.kind != "bn" for layer in svb.layers)
+    bn_layers = len(svb.layers) - layers
     states = {"he": he_init_state(model, seed=0), "mid": mid_training_state(model, args.spread, seed=0)}
     result: dict[str, float] = {}
     for key, state in states.items():
@@ -201,6 +203,7 @@ def measure(name: str, batch: int, device: torch.device, args: argparse.Namespac
         name,
         batch,
         layers,
+        bn_layers,
         result["he_ms"],
         result["he_err"],
         int(result["he_clipped"]),
