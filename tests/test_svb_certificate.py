@@ -276,8 +276,11 @@ SYNCING = ["item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__",
 def counted_host_syncs() -> Iterator[Counter]:
     """Count every call that makes the host wait for a device tensor's values (on a GPU, a sync): value
     reads (item, tolist, bool/int/float conversion, numpy), host copies, and data-dependent shapes
-    (nonzero, boolean-mask indexing). On the CPU they cost nothing, but each would stall a GPU."""
+    (nonzero, boolean-mask indexing). On the CPU they cost nothing, but each would stall a GPU; so the
+    engine runs its GPU path here (the certificate's CPU-only read of which matrices to factorise is off)."""
     counts: Counter = Counter()
+    real_skips = functional._skips_hopeless
+    functional._skips_hopeless = lambda device: False
     originals = {name: getattr(torch.Tensor, name) for name in [*SYNCING, "__getitem__"]}
 
     def counting(name, real):
@@ -304,6 +307,7 @@ def counted_host_syncs() -> Iterator[Counter]:
         for name, real in originals.items():
             setattr(torch.Tensor, name, real)
         torch.nonzero = real_nonzero
+        functional._skips_hopeless = real_skips
 
 
 def stack_net(layers_out_of_band: int, layers_in_band: int, seed: int = 40) -> nn.Sequential:
@@ -362,3 +366,28 @@ def test_sync_counter_sees_a_per_layer_read(monkeypatch):
         with counted_host_syncs() as counts:
             SVB(stack_net(0, layers)).apply()
         assert counts["__float__"] == layers + 1
+
+
+def test_cpu_factorises_only_what_can_be_certified_and_decides_as_the_gpu_path(monkeypatch):
+    """On the CPU the certificate skips the Cholesky factorisations of matrices visibly outside the band
+    (a diagonal entry of the Gram below lo^2, or a power-iteration Rayleigh quotient above hi^2): the
+    decisions are those of the GPU path (every matrix factorised), and He-initialised layers are skipped."""
+    rng = np.random.default_rng(50)
+    mats = [with_spectrum(64, 576, 0.8, 1.2, rng) for _ in range(3)]  # in band: certified
+    mats += [with_spectrum(64, 576, 0.9, 1.6, rng), with_spectrum(64, 576, 0.5, 1.2, rng)]  # one edge out
+    mats += [with_spectrum(64, 576, LO * 1.001, HI * 0.999, rng)]  # in band, near both edges: still proved
+    # timm's He init (normal, fan-out) of a 3x3 conv with 64 channels in and out, as in WRN-28-10
+    he = rng.standard_normal((4, 64, 576)) * math.sqrt(2 / (64 * 9))
+    stack = torch.from_numpy(np.concatenate([np.stack(mats), he])).float()
+    factorised = []
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda m: factorised.append(len(m) // 2) or real(m))
+    on_cpu = certify_in_band(stack, 0.5)
+    monkeypatch.setattr(functional, "_skips_hopeless", lambda device: False)
+    every = certify_in_band(stack, 0.5)
+    assert torch.equal(on_cpu, every)
+    assert on_cpu.tolist() == [True] * 3 + [False] * 2 + [True] + [False] * 4
+    assert factorised[-1] == len(stack)  # the GPU path factorised all 10
+    assert factorised[0] <= 6  # the CPU path skipped the He matrices and what else it could see
+    hopeless = functional._beyond_an_edge(functional._gram([functional._oriented(stack)])[0], LO**2, HI**2)
+    assert not hopeless[[0, 1, 2, 5]].any() and hopeless[6:].all()  # never in-band matrices; He init always
