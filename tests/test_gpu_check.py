@@ -6,7 +6,11 @@ import importlib.util
 import sys
 
 import pytest
+import timm
+import torch
 from recipe_helpers import REPO, one_thread  # noqa: F401  (autouse fixture)
+
+from timm_svb import SVB
 
 _spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
 gpu_check = importlib.util.module_from_spec(_spec)
@@ -34,11 +38,6 @@ def test_models_past_the_budget_are_skipped(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_the_float64_reference_bounds_what_it_is_given() -> None:
-    import timm
-    import torch
-
-    from timm_svb import SVB
-
     model = timm.create_model("convnet20_svb")
     gpu_check.he_init_state(model, seed=0)
     svb = SVB(model, epsilon=0.5)
