@@ -29,10 +29,11 @@ from dataclasses import dataclass
 
 import timm
 import torch
+from svb_speed import mid_training_state, snapshot  # benchmarks/svb_speed.py: its folder is on sys.path
 from torch import nn
 
 import timm_svb
-from timm_svb import SVB
+from timm_svb import SVB, SVBStats
 
 MODELS = "wrn28_10_svb:128,wrn28_16_svb:128,resnet50_svb:128,inception_resnet_v2_preact_svb:64"
 SMALL_MODELS = "preact_resnet20_svb:8,convnet20_svb:8"
@@ -60,10 +61,6 @@ def median_seconds(
     return statistics.median(times)
 
 
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
 def he_init_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """timm's ResNet init (He normal, fan-out) on every conv/linear layer: most values out of band."""
     generator = torch.Generator().manual_seed(seed)
@@ -73,18 +70,6 @@ def he_init_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
                 fan_out = m.weight.shape[0] * m.weight[0, 0].numel()
                 noise = torch.randn(m.weight.shape, generator=generator) * (2 / fan_out) ** 0.5
                 m.weight.copy_(noise)
-    return snapshot(model)
-
-
-def mid_training_state(model: nn.Module, spread: float, seed: int) -> dict[str, torch.Tensor]:
-    """Orthogonal init plus a relative perturbation ``spread`` per layer: a few directions out of band."""
-    generator = torch.Generator().manual_seed(seed)
-    timm_svb.orthogonal_init_(model, generator=generator)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                noise = torch.randn(m.weight.shape, generator=generator).to(m.weight)
-                m.weight.add_(noise * spread * m.weight.norm() / noise.norm())
     return snapshot(model)
 
 
@@ -175,6 +160,20 @@ HEADER = [
 ]
 
 
+def timed_apply(
+    svb: SVB, state: dict[str, torch.Tensor], device: torch.device, repeats: int
+) -> tuple[float, float, SVBStats]:
+    """Median milliseconds of ``svb.apply()`` from ``state``, the result's largest relative difference to
+    a float64 SVD, and the statistics of one more apply from ``state``."""
+    model = svb.model
+    model.load_state_dict(state)
+    reference = float64_reference(svb)
+    seconds = median_seconds(svb.apply, device, repeats, lambda: model.load_state_dict(state))
+    error = max_relative_difference(svb, reference)  # the last timed run's result
+    model.load_state_dict(state)
+    return seconds * 1e3, error, svb.apply()
+
+
 def measure(name: str, batch: int, device: torch.device, args: argparse.Namespace) -> Row:
     """The row of one model: both applies (timed, checked against float64) and one training step."""
     torch.manual_seed(0)
@@ -184,18 +183,11 @@ def measure(name: str, batch: int, device: torch.device, args: argparse.Namespac
     svb = SVB(model, epsilon=args.epsilon, bbn_epsilon=args.bbn_epsilon)
     layers = sum(layer.kind != "bn" for layer in svb.layers)
     bn_layers = len(svb.layers) - layers
-    states = {"he": he_init_state(model, seed=0), "mid": mid_training_state(model, args.spread, seed=0)}
-    result: dict[str, float] = {}
-    for key, state in states.items():
-        model.load_state_dict(state)
-        reference = float64_reference(svb)
-        seconds = median_seconds(svb.apply, device, args.repeats, lambda s=state: model.load_state_dict(s))
-        error = max_relative_difference(svb, reference)  # the last timed run's result
-        model.load_state_dict(state)
-        stats = svb.apply()
-        result |= {f"{key}_ms": seconds * 1e3, f"{key}_err": error}
-        result[f"{key}_clipped"], result[f"{key}_certified"] = stats.clipped, stats.certified
-        del reference
+    he_state = he_init_state(model, seed=0)
+    mid_training_state(model, args.spread, seed=0)
+    mid_state = snapshot(model)
+    he_ms, he_err, he_stats = timed_apply(svb, he_state, device, args.repeats)
+    mid_ms, mid_err, mid_stats = timed_apply(svb, mid_state, device, args.repeats)
     model.train()
     trainer = Trainer(model, batch, device)
     step_ms = median_seconds(trainer.step, device, args.repeats) * 1e3
@@ -204,12 +196,12 @@ def measure(name: str, batch: int, device: torch.device, args: argparse.Namespac
         batch,
         layers,
         bn_layers,
-        result["he_ms"],
-        result["he_err"],
-        int(result["he_clipped"]),
-        result["mid_ms"],
-        result["mid_err"],
-        int(result["mid_certified"]),
+        he_ms,
+        he_err,
+        he_stats.clipped,
+        mid_ms,
+        mid_err,
+        mid_stats.certified,
         step_ms,
     )
 

@@ -53,7 +53,7 @@ def mid_training_state(model: nn.Module, spread: float, seed: int) -> None:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                noise = torch.randn(m.weight.shape, generator=generator)
+                noise = torch.randn(m.weight.shape, generator=generator).to(m.weight)
                 m.weight.add_(noise * spread * m.weight.norm() / noise.norm())
 
 
