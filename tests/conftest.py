@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# the benchmark scripts import each other by name, as when they run; the tests import them the same way
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 @dataclass(frozen=True)

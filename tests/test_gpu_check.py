@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
+import gpu_check  # benchmarks/gpu_check.py (conftest.py puts benchmarks/ on sys.path)
 import pytest
 import timm
 import torch
-from recipe_helpers import REPO, one_thread  # noqa: F401  (autouse fixture)
+from recipe_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 from timm_svb import SVB
-
-_spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
-gpu_check = importlib.util.module_from_spec(_spec)
-sys.modules["gpu_check"] = gpu_check  # dataclasses resolve annotations through sys.modules
-_spec.loader.exec_module(gpu_check)
 
 
 def test_smoke_mode_prints_the_table_with_errors_against_float64(capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
+import mutation  # tests/mutation.py, beside this file (tests/ is on sys.path, as for recipe_helpers)
 import pytest
-
-_spec = importlib.util.spec_from_file_location("mutation", Path(__file__).with_name("mutation.py"))
-mutation = importlib.util.module_from_spec(_spec)
-sys.modules["mutation"] = mutation  # dataclasses resolve annotations through sys.modules
-_spec.loader.exec_module(mutation)
 
 
 @pytest.mark.parametrize("mutant", [m for m in mutation.MUTANTS if m.patch], ids=lambda m: m.name)

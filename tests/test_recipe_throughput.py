@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
-from recipe_helpers import REPO, one_thread  # noqa: F401  (autouse fixture)
+import recipe_throughput  # benchmarks/recipe_throughput.py (conftest.py puts benchmarks/ on sys.path)
+from recipe_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
 def test_smoke_mode_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location(
-        "recipe_throughput", REPO / "benchmarks" / "recipe_throughput.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.main(["--device", "cpu", "--small", "--gpu-check-option"])
+    result = recipe_throughput.main(["--device", "cpu", "--small", "--gpu-check-option"])
     out = capsys.readouterr().out
     for row in (
         "bare step",
