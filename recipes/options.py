@@ -80,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--train-split", default="train", help="training split")
     group.add_argument(
+        "--train-subset",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on the first N examples of the training split only (smoke runs, short studies; the test "
+        "split stays whole)",
+    )
+    group.add_argument(
         "--val-split",
         default=None,
         help="test split, evaluated every epoch (default: the first labelled of test, validation, valid, "
@@ -98,6 +106,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=10_000,
         metavar="N",
         help="--streaming: examples in each process's shuffle buffer (reshuffled every epoch)",
+    )
+    group.add_argument(
+        "--in-memory",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="decode each split once into uint8 pixels on the training device and crop, flip and normalise "
+        "whole batches there (auto: when the transforms allow it (--aug cifar or none, no --aa/--reprob, no "
+        "--streaming) and both splits fit under --in-memory-cap; on: refuse otherwise; off: the per-image "
+        "loader); the log says which path runs and why",
+    )
+    group.add_argument(
+        "--in-memory-cap",
+        type=float,
+        default=4.0,
+        metavar="GIB",
+        help="--in-memory auto: the most memory the decoded splits may take (GiB)",
+    )
+    group.add_argument(
+        "--data-cache",
+        default=None,
+        metavar="DIR",
+        help="where --in-memory keeps decoded splits, keyed on the data's fingerprint, for the next run "
+        "(default: $TIMM_SVB_CACHE/decoded, else ~/.cache/timm_svb/decoded; 'none': decode every run)",
     )
     group.add_argument("--image-column", default=None, help="image column (default: detected)")
     group.add_argument("--label-column", default=None, help="label column (default: detected)")

@@ -64,6 +64,15 @@ from engine import (
     svb_apply_steps,
     train_one_epoch,
 )
+from memory_data import (
+    MemoryPlan,
+    MemorySplit,
+    decode_split,
+    default_cache_dir,
+    memory_loader,
+    plan_memory_path,
+    split_nbytes,
+)
 from options import build_parser
 from rundir import (
     RunState,
@@ -97,6 +106,7 @@ RESUME_FIXED = (
     "num_classes",
     "dataset",
     "train_split",
+    "train_subset",
     "batch_size",
     "seed",
     "streaming",
@@ -109,6 +119,7 @@ RESUME_FIXED = (
 # Options that do not change what is trained: not reported when they differ on resume.
 RESUME_QUIET = (
     "config",
+    "data_cache",
     "resume",
     "output",
     "stop_after",
@@ -241,6 +252,13 @@ def load_data(args: Any, accelerator: Accelerator) -> tuple[ImageData, int]:
             label_column=args.label_column,
             streaming=args.streaming,
         )
+    if args.train_subset is not None:
+        if args.streaming or not 0 < args.train_subset <= data.num_train:
+            raise SystemExit(
+                f"--train-subset {args.train_subset}: takes 1..{data.num_train} (the training split's size), "
+                "not with --streaming"
+            )
+        data.train, data.num_train = data.train.select(range(args.train_subset)), args.train_subset
     num_classes = args.num_classes or data.num_classes
     if num_classes < data.num_classes:
         raise SystemExit(f"--num-classes {num_classes} < the data set's {data.num_classes} classes")
@@ -369,29 +387,95 @@ def build_loaders(
         raise SystemExit(
             f"--batch-size {args.batch_size} is larger than the {data.num_train} training images"
         )
-    train_loader = make_train_loader(
-        data,
-        train_tf,
-        mode,
-        batch_size=args.batch_size,
-        steps=steps_per_epoch,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        seed=args.seed,
-        shuffle_buffer=args.shuffle_buffer,
-        **loader_kwargs(workers, pin),
-    )
     val_batch = args.validation_batch_size or args.batch_size
     val_batch = -(-val_batch // accelerator.num_processes) * accelerator.num_processes
-    test_loader = DataLoader(
-        TorchImageDataset(data.test, data.image_column, data.label_column, test_tf, mode),
-        batch_size=val_batch,
-        shuffle=False,
-        **loader_kwargs(workers, pin),
-    )
-    resolved = {"hflip": hflip, "aug": aug, "workers": workers}
+    plans = _memory_plans(args, data, train_tf, test_tf, data_config["input_size"])
+    if plans is not None:
+        train_split, test_split = _decode_splits(args, accelerator, data, mode, plans)
+        train_loader = memory_loader(train_split, plans[0], train=True, batch_size=args.batch_size)
+        test_loader = memory_loader(test_split, plans[1], train=False, batch_size=val_batch)
+        workers = 0
+    else:
+        train_loader = make_train_loader(
+            data,
+            train_tf,
+            mode,
+            batch_size=args.batch_size,
+            steps=steps_per_epoch,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            seed=args.seed,
+            shuffle_buffer=args.shuffle_buffer,
+            **loader_kwargs(workers, pin),
+        )
+        test_loader = DataLoader(
+            TorchImageDataset(data.test, data.image_column, data.label_column, test_tf, mode),
+            batch_size=val_batch,
+            shuffle=False,
+            **loader_kwargs(workers, pin),
+        )
+    resolved = {"hflip": hflip, "aug": aug, "workers": workers, "data_path": "memory" if plans else "loader"}
     mixup_fn, loss_fn = _mixup_and_loss(args, accelerator, num_classes)
     return Loaders(train_loader, test_loader, steps_per_epoch, data_config, resolved, mixup_fn, loss_fn)
+
+
+def _memory_plans(
+    args: Any, data: ImageData, train_tf: Any, test_tf: Any, input_size: tuple[int, int, int]
+) -> tuple[MemoryPlan, MemoryPlan] | None:
+    """The in-memory path's plans for the training and test transforms (``--in-memory``), or None for the
+    per-image loaders; the log says which path and why."""
+    if args.in_memory == "off":
+        _logger.info("data path: per-image loader (--in-memory off)")
+        return None
+    train_plan, why = plan_memory_path(train_tf)
+    test_plan, test_why = plan_memory_path(test_tf)
+    need = split_nbytes(data.num_train + len(data.test), input_size)
+    if data.streamed:
+        why = "--streaming reads the training split as it goes"
+    elif train_plan is None:
+        why = f"training augmentation: {why}"
+    elif test_plan is None:
+        why = f"test transform: {test_why}"
+    elif need > args.in_memory_cap * 2**30:
+        why = f"the decoded splits take {need / 2**30:.2f} GiB, over --in-memory-cap {args.in_memory_cap:g}"
+    else:
+        _logger.info(
+            "data path: in memory (%d + %d images decoded once, %.2f GiB of uint8 on the training device; "
+            "crops, flips and normalisation a batch at a time)",
+            data.num_train,
+            len(data.test),
+            need / 2**30,
+        )
+        return train_plan, test_plan
+    if args.in_memory == "on":
+        raise SystemExit(f"--in-memory on: {why}; drop it (or --in-memory auto) to use the per-image loader")
+    _logger.info("data path: per-image loader (%s)", why)
+    return None
+
+
+def _decode_splits(
+    args: Any, accelerator: Accelerator, data: ImageData, mode: str, plans: tuple[MemoryPlan, MemoryPlan]
+) -> tuple[MemorySplit, MemorySplit]:
+    """Both splits decoded (or read from the decode cache: the node's first process writes it) and moved to
+    the training device."""
+    cache = None if args.data_cache == "none" else (args.data_cache or default_cache_dir())
+    splits = []
+    with accelerator.local_main_process_first():
+        for name, ds, plan in zip(
+            (data.train_split, data.test_split), (data.train, data.test), plans, strict=True
+        ):
+            split = decode_split(
+                ds,
+                data.image_column,
+                data.label_column,
+                mode,
+                plan,
+                cache_dir=cache,
+                progress=args.progress and accelerator.is_local_main_process,
+                desc=f"decode {name}",
+            )
+            splits.append(split.to(accelerator.device))
+    return splits[0], splits[1]
 
 
 def _mixup_and_loss(args: Any, accelerator: Accelerator, num_classes: int) -> tuple[Mixup | None, nn.Module]:
