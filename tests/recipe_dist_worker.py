@@ -2,14 +2,16 @@
 
 Runs recipes/train.py several times in one torch.distributed (gloo, CPU) launch and saves, per rank, what each
 run ended with (the model and its EMA) and what the rank observed along the way: the random crops its
-augmentation drew, the training images it was given, the times DDP's ``no_sync`` was entered and the examples
-of a streamed split it read.
+augmentation drew, the training images it was given (through the in-memory path, the default for this small
+set, or the per-image loader), the times DDP's ``no_sync`` was entered and the examples of a streamed split it
+read.
 """
 
 import os
 import sys
 from collections import defaultdict
 
+import memory_data
 import safetensors.torch
 import torch
 import trainer
@@ -27,6 +29,7 @@ def observe() -> None:
     no_sync = DistributedDataParallel.no_sync
     stream_iter = recipe_data.StreamingImages.__iter__
     summary = trainer.spectrum_summary
+    crop_flip, getitems = memory_data.crop_flip, memory_data._BatchedImages.__getitems__
 
     def crop_params(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         params = get_params(*args, **kwargs)
@@ -37,6 +40,15 @@ def observe() -> None:
         if len(self) == 32:  # the training split (the test split has 10 images)
             SEEN["indices"].append(int(index))
         return getitem(self, index)
+
+    def batch_crops(images, top, left, flip, padding):  # noqa: ANN001, ANN202
+        SEEN["crops"].extend(zip(top.tolist(), left.tolist(), flip.tolist(), strict=True))
+        return crop_flip(images, top, left, flip, padding)
+
+    def items(self, indices):  # noqa: ANN001, ANN202
+        if self.train:
+            SEEN["indices"].extend(int(i) for i in indices)
+        return getitems(self, indices)
 
     def counted_no_sync(self):  # noqa: ANN001, ANN202
         SEEN["no_sync"].append(1)
@@ -54,6 +66,8 @@ def observe() -> None:
     trainer.spectrum_summary = counted_summary
     RandomCrop.get_params = staticmethod(crop_params)
     recipe_data.TorchImageDataset.__getitem__ = item
+    memory_data.crop_flip = batch_crops
+    memory_data._BatchedImages.__getitems__ = items
     DistributedDataParallel.no_sync = counted_no_sync
     recipe_data.StreamingImages.__iter__ = streamed
 

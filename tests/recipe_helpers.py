@@ -19,6 +19,7 @@ if str(RECIPES) not in sys.path:
 
 import data as recipe_data  # noqa: E402
 import engine as recipe_engine  # noqa: E402
+import memory_data as recipe_memory_data  # noqa: E402
 import options as recipe_options  # noqa: E402
 import rundir as recipe_rundir  # noqa: E402
 import train  # noqa: E402
@@ -34,6 +35,7 @@ __all__ = [
     "optimizer_groups",
     "recipe_data",
     "recipe_engine",
+    "recipe_memory_data",
     "recipe_options",
     "recipe_rundir",
     "recipe_trainer",

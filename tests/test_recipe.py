@@ -177,6 +177,21 @@ def test_config_parses_with_reference_settings(config: Path) -> None:
     args = parse_args(["-c", str(config)])
     assert timm.is_model(args.model), args.model
     assert (args.opt, args.momentum, args.nesterov, args.weight_decay) == ("sgd", 0.9, True, 1e-4)
+    assert (args.aug, args.crop_padding, args.hflip) == ("cifar", 4, 0.5) or config.stem.startswith("table4")
+    if config.stem.startswith("cpu_"):
+        # the CPU-scale studies: the paper's recipe, its 160 epochs over 50,000 images compressed to 30 over
+        # the first 10,000; each rate still held two epochs, SVB still skips the same share of an epoch
+        assert (args.lr, args.min_lr, args.sched, args.batch_size) == (0.5, 0.001, "exp", 128)
+        assert (args.epochs, args.train_subset, args.decay_stages) == (30, 10_000, 15)
+        assert args.dataset == "uoft-cs/cifar10"
+        if args.no_svb:
+            assert not args.model.endswith("_svb") and args.init == "orthogonal"
+        else:
+            steps = args.train_subset // args.batch_size
+            assert args.svb_skip_last == round(100 / 391 * steps) and args.svb_every == "1ep"
+            assert args.svb_epsilon == 0.5 and args.svb_skip_final_epoch
+            assert args.no_bbn or (args.bbn_epsilon, args.bbn_mode) == (1.0, "sigma")
+        return
     assert (args.sched, args.min_lr, args.decay_stages) == ("exp", 0.001, 80)
     if config.stem.startswith("table4"):
         assert (args.lr, args.epochs, args.batch_size, args.dataset) == (

@@ -144,6 +144,7 @@ def test_config_runs_and_bounds(
     out = tmp_path / "run"
     overrides = "--batch-size 1 --validation-batch-size 1 --stop-after 1 --checkpoint-hist 0 --val-split test"
     overrides += " --svb-every 1 --svb-skip-last 0 --no-svb-skip-final-epoch --spectrum-every 0"
+    overrides += " --train-subset 1"
     smaller = next((v for k, v in SMALLER.items() if args.model.startswith(k)), [])
     result = run_recipe(
         ["-c", str(config), *overrides.split(), *smaller, "--data-dir", str(generated), "--output", str(out)]

@@ -14,12 +14,14 @@ def test_smoke_mode_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None
     out = capsys.readouterr().out
     for row in (
         "bare step",
-        "recipe, no SVB",
-        "recipe, SVB + BBN",
+        "recipe, per-image loader",
+        "recipe, in memory",
+        "recipe, in memory, SVB+BBN",
         "ignoring arguments meant for gpu_check.py",
+        "generated 64 images",  # --small never reads the real copy
     ):
         assert row in out
-    for key in ("bare", "recipe", "recipe_svb"):
+    for key in ("bare", "recipe_loader", "recipe_memory", "recipe_memory_svb"):
         assert result[key] > 0 and math.isfinite(result[key])
-    assert result["recipe_ratio"] == pytest.approx(result["recipe"] / result["bare"])
+    assert result["recipe_memory_ratio"] == pytest.approx(result["recipe_memory"] / result["bare"])
     assert result["svb_applied"] == 1  # the measured epoch of the SVB run paid one bounding
