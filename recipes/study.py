@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                 if run_status(run_dir) != "finished":
                     print(f"{run_dir}: training ({config.name}, seed {seed})", flush=True)
                     train(config, seed, run_dir, extra)
+                    if run_status(run_dir) != "finished":
+                        raise SystemExit(
+                            f"{run_dir} stopped before its last epoch: run the same command to resume"
+                        )
                 if not (result_dir / "run.json").is_file():
                     keep(run_dir, result_dir, machine())
                     print(report(args.study, args.results), flush=True)

