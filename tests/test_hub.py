@@ -730,6 +730,85 @@ def test_config_files_cannot_control_loading(tmp_path: Path) -> None:
         assert timm.create_model(f"local-dir:{folder}", pretrained=True).svb_config["epsilon"] == epsilon
 
 
+def _saved_folder(folder: Path, model: nn.Module, **save_kwargs: Any) -> Path:
+    """``model`` saved with timm's ``save_for_hf`` (safetensors) into ``folder``."""
+    timm.models.save_for_hf(model, str(folder), safe_serialization=True, **save_kwargs)
+    return folder
+
+
+def _loaders(folder: Path, repo_id: str) -> dict[str, Any]:
+    """Every way to load ``folder`` with keyword arguments: ``local-dir:``, ``hf-hub:`` at a pinned commit
+    (the folder laid out in the Hub cache) and a file overlay."""
+    revision = fake_commit(repo_id)
+    place_in_hf_cache(folder_files(folder), repo_id, revision, Path(os.environ["HF_HUB_CACHE"]))
+    weights = str(folder / "model.safetensors")
+    return {
+        "local-dir": lambda **kw: timm.create_model(f"local-dir:{folder}", pretrained=True, **kw),
+        "hf-hub": lambda **kw: timm.create_model(f"hf-hub:{repo_id}@{revision}", pretrained=True, **kw),
+        "overlay": lambda **kw: timm.create_model(
+            MODEL, pretrained=True, pretrained_cfg_overlay={"file": weights}, **kw
+        ),
+    }
+
+
+def test_loading_for_another_num_classes_is_strict_but_for_the_head(tmp_path: Path) -> None:
+    """A weights file missing a conv loads on no path, also for another ``num_classes`` (where timm turns
+    strictness off): only the classifier is adapted; a complete file loads every other weight."""
+    torch.manual_seed(3)
+    model = timm.create_model(MODEL).eval()
+    damaged = _saved_folder(tmp_path / "damaged", model)
+    sd = safetensors.torch.load_file(damaged / "model.safetensors")
+    del sd["stages.0.3.conv.weight"]
+    safetensors.torch.save_file(sd, damaged / "model.safetensors")
+    for load in _loaders(damaged, "someone/damaged").values():
+        for kwargs in ({"num_classes": 5}, {}):
+            with pytest.raises(RuntimeError, match=r"missing \['stages.0.3.conv.weight'\]"):
+                load(**kwargs)
+    complete = _saved_folder(tmp_path / "complete", model)
+    ref = model.state_dict()
+    for path, load in _loaders(complete, "someone/complete").items():
+        tuned = load(num_classes=5).state_dict()
+        assert tuned["fc.weight"].shape == (5, 64), path
+        assert all(torch.equal(tuned[k], ref[k]) for k in ref if not k.startswith("fc.")), path
+    # a 100-class file through the overlay of the default (10-class) cfg keeps its trained classifier
+    wide = timm.create_model(MODEL, num_classes=100)
+    _saved_folder(tmp_path / "wide", wide)
+    loaded = _loaders(tmp_path / "wide", "someone/wide")["overlay"](num_classes=100).state_dict()
+    assert torch.equal(loaded["fc.weight"], wide.state_dict()["fc.weight"])
+
+
+def test_config_num_classes_must_agree_with_its_model_args(tmp_path: Path) -> None:
+    """A config.json whose top-level ``num_classes`` disagrees with its ``model_args`` is refused (timm would
+    drop the trained classifier); agreeing ones load the classifier."""
+    model = timm.create_model(MODEL).eval()
+    for i, top in enumerate((5, 100)):
+        folder = _saved_folder(tmp_path / f"f{i}", model, model_args={"num_classes": 10})
+        config = json.loads((folder / "config.json").read_text())
+        write_json(folder / "config.json", {**config, "num_classes": top})
+        for path, load in _loaders(folder, f"someone/classes{i}").items():
+            if path == "overlay":  # the file's config.json is not read
+                continue
+            with pytest.raises(ValueError, match=f"num_classes={top}.*num_classes=10"):
+                load()
+    folder = _saved_folder(tmp_path / "ok", model, model_args={"num_classes": 10})
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert torch.equal(loaded.fc.weight, model.fc.weight)
+
+
+def test_config_state_dict_cannot_replace_the_weights_file(tmp_path: Path) -> None:
+    """A config.json carrying ``pretrained_cfg.state_dict`` would make timm load that instead of
+    ``model.safetensors`` (never read, never sha-checked): refused on ``local-dir:`` and ``hf-hub:``."""
+    folder = _saved_folder(tmp_path / "f", timm.create_model(MODEL))
+    config = json.loads((folder / "config.json").read_text())
+    config["pretrained_cfg"]["state_dict"] = {"fc.bias": [0.0] * 10}
+    write_json(folder / "config.json", config)
+    for path, load in _loaders(folder, "someone/state-dict").items():
+        if path == "overlay":
+            continue
+        with pytest.raises(ValueError, match="state_dict"):
+            load()
+
+
 _LOAD_SCRIPT = """
 import json, sys
 import safetensors.torch, timm, torch

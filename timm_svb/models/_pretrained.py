@@ -200,9 +200,16 @@ def route_weights(cfg: Mapping[str, Any]) -> dict[str, Any]:
     timm calls ``model.load_pretrained(file)`` for a ``custom_load`` cfg: with ``custom_load='hf'`` for
     Hub sources (downloading ``hf_hub_filename``, here always ``model.safetensors``, never the
     ``pytorch_model.bin`` timm would try first), and for files and URLs. A ``local-dir:`` folder becomes its
-    ``model.safetensors`` file, where timm would fall back to a pickle in the folder.
+    ``model.safetensors`` file, where timm would fall back to a pickle in the folder. A ``config.json``
+    (``local-dir:``, ``hf-hub:``) that carries a ``state_dict`` is refused (``ValueError``).
     """
     cfg = dict(cfg)
+    if cfg.get("source") in ("local-dir", "hf-hub") and cfg.get("state_dict") is not None:
+        # timm would load this dict instead of the folder's weights file: never read, never sha-checked
+        raise ValueError(
+            f"config.json of {cfg.get('architecture')} sets pretrained_cfg.state_dict: the weights come from "
+            f"{WEIGHTS_FILENAME} only; remove state_dict from the file"
+        )
     if cfg.get("source") == "local-dir":
         cfg.update(source=None, file=str(Path(cfg["file"]) / WEIGHTS_FILENAME))
     if cfg.get("hf_hub_id"):
