@@ -6,8 +6,10 @@ import csv
 import hashlib
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -349,6 +351,87 @@ def test_imagefolder_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     data = load_image_dataset("my-pets", tmp_path / "tree")
     assert (data.image_column, data.label_column, data.label_names) == ("image", "label", ["cat", "dog"])
     assert (len(data.train), len(data.test), data.test_split) == (4, 4, "test")
+
+
+def _image_tree(root: Path, classes: dict[str, str]) -> Path:
+    """An imagefolder tree ``root/SPLIT/<class>/<i>.png``: two images per class, each class its colour."""
+    from PIL import Image
+
+    for split, names in classes.items():
+        for name in names:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (ord(name), 40 * i, 0)).save(folder / f"{i}.png")
+    return root
+
+
+def test_imagefolder_labels_mean_the_training_splits_classes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train/{a,b,c}``, ``test/{a,c}``: test's ``c`` images get ``c``'s label (2), not the second label of
+    their own split; a class the training split lacks is refused, naming the split and the class."""
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    data = load_image_dataset("x", _image_tree(tmp_path / "fewer", {"train": "abc", "test": "ac"}))
+    assert data.label_names == ["a", "b", "c"]
+    colours = [np.asarray(image)[0, 0, 0] for image in data.test["image"]]
+    assert [data.label_names[label] for label in data.test["label"]] == [chr(c) for c in colours]
+    assert sorted(data.test["label"]) == [0, 0, 2, 2]
+    test_only = load_image_dataset("x", tmp_path / "fewer", need_train=False)  # as the publisher reloads it
+    assert sorted(test_only.test["label"]) == [0, 0, 2, 2] and test_only.label_names == ["a", "b", "c"]
+    with pytest.raises(DataError, match=r"split 'test' .* \['d'\] .* 'train' lacks"):
+        load_image_dataset("x", _image_tree(tmp_path / "more", {"train": "abc", "test": "abd"}))
+
+
+def test_labels_outside_the_classes_are_refused_before_training(tmp_path: Path) -> None:
+    """A ClassLabel -1 or an integer 5 of 3 classes would fail mid-epoch (IndexError, a device-side assert on
+    a GPU): refused on loading, naming the split, the label and the fix; so are splits whose ClassLabel
+    names differ."""
+    import datasets
+
+    def saved(name: str, labels: dict[str, list[int]], features: dict[str, Any]) -> Path:
+        splits = {
+            split: datasets.Dataset.from_dict(
+                {"image": [np.zeros((4, 4, 3), np.uint8)] * len(values), "label": values},
+                features=datasets.Features({"image": datasets.Image(), "label": features[split]}),
+            )
+            for split, values in labels.items()
+        }
+        datasets.DatasetDict(splits).save_to_disk(str(tmp_path / name))
+        return tmp_path / name
+
+    three = datasets.ClassLabel(names=["a", "b", "c"])
+    folder = saved("minus_one", {"train": [0, 1, -1, 2], "test": [0, 1]}, {"train": three, "test": three})
+    with pytest.raises(DataError, match=r"split 'train' .* label\(s\) \[-1\] .* \[0, 3\).*filter"):
+        load_image_dataset("x", folder)
+    ints = datasets.Value("int64")
+    folder = saved("five", {"train": [0, 1, 2, 0], "test": [0, 5]}, {"train": ints, "test": ints})
+    with pytest.raises(DataError, match=r"split 'test' .* label\(s\) \[5\] .* \[0, 3\)"):
+        load_image_dataset("x", folder)
+    other = datasets.ClassLabel(names=["a", "c", "b"])
+    folder = saved("renamed", {"train": [0, 1, 2], "test": [0, 1]}, {"train": three, "test": other})
+    with pytest.raises(DataError, match="split 'test' .* names its classes"):
+        load_image_dataset("x", folder)
+
+
+def test_damaged_save_to_disk_folder_raises_a_data_error(tmp_path: Path) -> None:
+    """An empty split (saved without a shard) or a truncated .arrow shard: the documented DataError naming
+    the folder, not the libraries' IndexError / OSError."""
+    import datasets
+
+    ok = make_data(tmp_path / "ok", num_train=8, num_test=4)
+    dsd = datasets.load_from_disk(str(ok))
+    datasets.DatasetDict({"train": dsd["train"], "test": dsd["test"].select([])}).save_to_disk(
+        str(tmp_path / "empty")
+    )
+    shutil.copytree(ok, tmp_path / "truncated")
+    (shard,) = (tmp_path / "truncated" / "train").glob("*.arrow")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    for name in ("empty", "truncated"):
+        with pytest.raises(DataError, match=f"{tmp_path / name} is a damaged save_to_disk folder"):
+            load_image_dataset("x", tmp_path / name)
 
 
 # ------------------------------------------------------------------------------------------- training
