@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import logging
+import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -529,6 +533,141 @@ def test_resume_gives_the_same_weights(tmp_path: Path, cifar_like: Path) -> None
     assert [{k: v for k, v in r.items() if k not in TIMING} for r in rows_a] == [
         {k: v for k, v in r.items() if k not in TIMING} for r in rows_b
     ]
+
+
+def test_resume_after_a_rewind_follows_the_branch_resumed(
+    tmp_path: Path, cifar_like: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Train 3 epochs, resume from epoch 1 with another rate for one epoch, then ``--resume``: it continues
+    the rewound branch (from its epoch 2), not the abandoned epoch 3; pruning keeps the checkpoint resumed
+    from; what the abandoned branch did is moved aside; ``args.yaml`` is written atomically."""
+    args = (
+        "--model convnet20_svb --epochs 3 --batch-size 8 --lr 0.05 --seed 7 --svb-every 3 --svb-skip-last 0"
+    )
+    common = [*args.split(), "--data-dir", str(cifar_like)]
+    out = tmp_path / "run"
+    run_recipe([*common, "--output", str(out)])
+    written: list[str] = []
+    real = recipe_rundir.atomic_write_text
+    monkeypatch.setattr(
+        recipe_trainer,
+        "atomic_write_text",
+        lambda path, text: written.append(Path(path).name) or real(path, text),
+        raising=False,
+    )
+    rewind = ["--resume", str(out / "checkpoints" / "epoch_0001"), "--lr", "0.01", "--stop-after", "1"]
+    rewound = run_recipe([*common, *rewind])
+    assert rewound.start_epoch == 1 and not rewound.finished
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001", "epoch_0002"]
+    assert not (out / "model_final.safetensors").exists()
+    moved = out / "abandoned" / "after_epoch_0001"
+    assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == ["epoch_0002", "epoch_0003"]
+    assert (moved / "model_final.safetensors").is_file()
+    resumed = run_recipe([*common, "--lr", "0.01", "--output", str(out), "--resume"])
+    assert resumed.start_epoch == 2 and resumed.finished
+    assert resumed.run["resumes"][-1]["checkpoint"] == "epoch_0002"
+    final = load_weights(out / "model_final.safetensors")
+    assert all(torch.equal(final[k], v) for k, v in resumed.model.state_dict().items())
+    assert [int(r["epoch"]) for r in read_summary(out)] == [1, 2, 3]
+    assert "args.yaml" in written
+
+
+class _SavingAccelerator:
+    """What ``save_checkpoint`` uses of an Accelerator, one process: ``save_state`` writes three files."""
+
+    is_main_process = True
+
+    def __init__(self) -> None:
+        self.tag = "old"
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, path: str, safe_serialization: bool = True) -> None:
+        Path(path).mkdir(parents=True)
+        for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):
+            (Path(path) / name).write_text(self.tag)
+
+
+def test_overwriting_a_checkpoint_never_leaves_half_of_one_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill while a checkpoint folder of the same epoch is replaced leaves a whole one listed (the old or
+    the new), never a partly deleted folder."""
+    accelerator = _SavingAccelerator()
+    recipe_rundir.save_checkpoint(accelerator, tmp_path, 2, keep=3)
+    accelerator.tag = "new"
+    real_rmtree, real_replace = shutil.rmtree, recipe_rundir.os.replace
+
+    def killed_while_deleting(path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name == "epoch_0002":  # deleting the listed folder in place: killed half-way
+            next(Path(path).iterdir()).unlink()
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    def complete() -> dict[str, str]:
+        listed = recipe_rundir.list_checkpoints(tmp_path)
+        assert all(len(list(folder.iterdir())) == 3 for _, folder in listed), listed
+        return {folder.name: (folder / "model.safetensors").read_text() for _, folder in listed}
+
+    monkeypatch.setattr(recipe_rundir.shutil, "rmtree", killed_while_deleting)
+    with contextlib.suppress(KeyboardInterrupt):
+        recipe_rundir.save_checkpoint(accelerator, tmp_path, 2, keep=3)
+    assert complete() == {"epoch_0002": "new"}
+    monkeypatch.setattr(recipe_rundir.shutil, "rmtree", real_rmtree)
+
+    def killed_between_renames(src: Any, dst: Any) -> None:
+        if Path(src).name.startswith(".tmp-"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(recipe_rundir.os, "replace", killed_between_renames)
+    accelerator.tag = "newer"
+    with contextlib.suppress(KeyboardInterrupt):
+        recipe_rundir.save_checkpoint(accelerator, tmp_path, 2, keep=3)
+    assert complete() == {}  # the old one is aside, whole ...
+    monkeypatch.setattr(recipe_rundir.os, "replace", real_replace)
+    recipe_rundir.save_checkpoint(accelerator, tmp_path, 3, keep=3)
+    assert complete() == {"epoch_0002": "new", "epoch_0003": "newer"}  # ... and back on the next save
+
+
+@pytest.fixture(scope="module")
+def one_epoch_svb_run(tmp_path_factory: pytest.TempPathFactory, cifar_like: Path) -> dict[str, Any]:
+    """A 1-epoch run of an SVB model with the default SVB schedule (once an epoch, not in the final one),
+    under umask 022; its log."""
+    out = tmp_path_factory.mktemp("one_epoch") / "run"
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("recipes.train")
+    logger.addHandler(handler)
+    mask = os.umask(0o022)
+    try:
+        args = "--model convnet20_svb --epochs 1 --batch-size 8 --lr 0.05"
+        result = run_recipe([*args.split(), "--data-dir", str(cifar_like), "--output", str(out)])
+    finally:
+        os.umask(mask)
+        logger.removeHandler(handler)
+    return {"out": out, "result": result, "log": stream.getvalue()}
+
+
+def test_a_schedule_that_never_applies_svb_says_so_and_why(one_epoch_svb_run: dict[str, Any]) -> None:
+    """--epochs 1 with the default schedule applies SVB 0 times: warned, naming every option that caused it,
+    and recorded (``svb_applied_total`` 0) for the publisher."""
+    log, out = one_epoch_svb_run["log"], one_epoch_svb_run["out"]
+    assert one_epoch_svb_run["result"].svb.num_applied == 0
+    (warning,) = [line for line in log.splitlines() if "applies it 0 times" in line]
+    assert "plain SGD" in warning
+    for option in ("--epochs 1", "--svb-every", "--svb-skip-final-epoch"):
+        assert option in warning, option
+    assert json.loads((out / "run.json").read_text())["svb_applied_total"] == 0
+
+
+def test_weights_files_have_the_mode_of_every_other_file(one_epoch_svb_run: dict[str, Any]) -> None:
+    """model_*.safetensors are readable as the run's other files (safetensors alone writes 0600)."""
+    out = one_epoch_svb_run["out"]
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}
+    assert {"model_best.safetensors", "model_final.safetensors", "run.json"} <= modes.keys()
+    assert set(modes.values()) == {0o644}, modes
 
 
 def test_data_set_name_is_recorded_for_the_digits(tmp_path: Path) -> None:
