@@ -47,7 +47,8 @@ import timm_svb  # noqa: F401  (registers the zoo)
 from hub import publish as pub
 from hub import record as hub_record
 from hub.record import RecordError, file_sha256, read_record, record_path, write_record
-from timm_svb.models._pretrained import PretrainedWeightsFormatError
+from timm_svb.models import _pretrained as pretrained_record
+from timm_svb.models._pretrained import PretrainedWeightsFormatError, PretrainedWeightsIntegrityError
 
 MODEL = "convnet20_svb"
 TAG = "cifar10"
@@ -871,6 +872,32 @@ def test_config_state_dict_cannot_replace_the_weights_file(tmp_path: Path) -> No
             continue
         with pytest.raises(ValueError, match="state_dict"):
             load()
+
+
+def test_sha256_is_checked_at_the_recorded_commit_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recorded sha256 pins the recorded commit: another commit of the recorded repo (other weights) loads
+    unchecked, and the recorded commit's file is checked (a wrong sha256 refuses it)."""
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    commits = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        folder = _saved_folder(tmp_path / f"w{seed}", timm.create_model(MODEL))
+        commits[seed] = fake_commit("sha", str(seed))
+        place_in_hf_cache(folder_files(folder), REPO_ID, commits[seed], cache)
+    recorded, other = commits[0], commits[1]
+    sha = file_sha256(tmp_path / "w0" / "model.safetensors")
+    entry = {"hf_hub_id": REPO_ID, "revision": recorded, "sha256": sha, "metrics": {}, "svb_config": None}
+    monkeypatch.setitem(pretrained_record.PUBLISHED, NAME, entry)
+    for commit, folder in ((recorded, "w0"), (other, "w1")):
+        loaded = timm.create_model(f"hf-hub:{REPO_ID}@{commit}", pretrained=True)
+        expected = safetensors.torch.load_file(tmp_path / folder / "model.safetensors")
+        assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+    monkeypatch.setitem(pretrained_record.PUBLISHED, NAME, {**entry, "sha256": "0" * 64})
+    with pytest.raises(PretrainedWeightsIntegrityError, match="0" * 64):
+        timm.create_model(f"hf-hub:{REPO_ID}@{recorded}", pretrained=True)
+    timm.create_model(f"hf-hub:{REPO_ID}@{other}", pretrained=True)
 
 
 _LOAD_SCRIPT = """

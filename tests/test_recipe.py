@@ -13,6 +13,7 @@ import shutil
 import stat
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from recipe_helpers import (
     recipe_trainer,
     run_recipe,
 )
+from torch import nn
 
 import timm_svb  # noqa: F401  (registers the zoo)
 
@@ -147,7 +149,79 @@ def test_plain_state_dict_drops_wrapper_prefixes() -> None:
     plain_state_dict = recipe_rundir.plain_state_dict
     assert plain_state_dict({"_orig_mod.module.a.w": 1, "_orig_mod.module.b": 2}) == {"a.w": 1, "b": 2}
     assert plain_state_dict({"module.a": 1}) == {"a": 1}
+    # DDP around a compiled model: the prefixes in the other order
+    assert plain_state_dict({"module._orig_mod.a.w": 1, "module._orig_mod.b": 2}) == {"a.w": 1, "b": 2}
     assert plain_state_dict({"module.a": 1, "b": 2}) == {"module.a": 1, "b": 2}  # not a wrapper's prefix
+
+
+def test_cosine_schedule_starts_at_the_peak_after_warmup() -> None:
+    """After warm-up the cosine anneals over the remaining epochs: the peak rate at the end of warm-up, the
+    midpoint half-way through the remaining epochs, and --min-lr at --epochs."""
+    schedule = {"sched": "cosine", "lr": 0.1, "min_lr": 0.001, "epochs": 25, "warmup_epochs": 5}
+    assert lr_at_epoch(5, **schedule) == pytest.approx(0.1)
+    assert lr_at_epoch(15, **schedule) == pytest.approx(0.0505)
+    assert lr_at_epoch(25, **schedule) == pytest.approx(0.001)
+    assert lr_at_epoch(2.5, **schedule) == pytest.approx(1e-4 + (0.1 - 1e-4) / 2)
+
+
+def test_run_state_keeps_the_best_ema_across_a_checkpoint() -> None:
+    """A resumed run's state (from a checkpoint) still knows the EMA's best epoch: a worse EMA epoch after the
+    resume is not its new best (model_best_ema.safetensors is not overwritten)."""
+    state = recipe_rundir.RunState()
+    errors = {1: (50.0, 40.0), 2: (45.0, 60.0)}  # epoch: (model top-1, EMA top-1)
+    for epoch, (top1, ema) in errors.items():
+        state.record(
+            {"epoch": epoch, "top1_err": top1, "top5_err": 9.0, "ema_top1_err": ema, "ema_top5_err": 9.0}
+        )
+    restored = recipe_rundir.RunState()
+    restored.load_state_dict(state.state_dict())
+    assert restored.best_ema == state.best_ema == {"epoch": 1, "top1_err": 40.0, "top5_err": 9.0}
+    new = restored.record(
+        {"epoch": 3, "top1_err": 44.0, "top5_err": 9.0, "ema_top1_err": 55.0, "ema_top5_err": 9.0}
+    )
+    assert new == ["best"] and restored.metrics()["best_ema"]["epoch"] == 1
+
+
+def test_the_ema_counts_steps_over_the_whole_run() -> None:
+    """The EMA is updated with the run's step number, not the epoch's: its decay warm-up does not restart."""
+    accelerator = recipe_trainer.make_accelerator(cpu=True)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(3)]
+    steps: list[int] = []
+    ema = SimpleNamespace(update=lambda step: steps.append(step))
+    recipe_engine.train_one_epoch(model, loader, optimizer, accelerator, epoch=2, ema=ema, progress=False)
+    assert steps == [7, 8, 9]
+
+
+def test_the_emas_svb_leaves_excluded_and_frozen_layers_alone() -> None:
+    """The EMA copy is bounded on the model SVB's layer selection: without --svb-exclude's layers and the
+    frozen ones (bounding them would change weights that training does not)."""
+    model = timm.create_model("convnet20_svb", num_classes=4)
+    for p in model.stem.parameters():
+        p.requires_grad_(False)
+    args = SimpleNamespace(model_ema_decay=0.9, model_ema_warmup=False, svb_exclude=["fc"])
+    svb = recipe_engine.RecordingSVB(model, 0.5, 1.0, exclude=recipe_trainer._svb_exclude(args, model))
+    ema = recipe_trainer._make_ema(args, model, svb)
+    names = [layer.name for layer in ema.svb.layers]
+    assert names == [layer.name for layer in svb.layers]
+    assert "fc" not in names and not any(n.startswith("stem") for n in names)
+
+
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+def test_mixup_mode_is_used(mode: str) -> None:
+    args = SimpleNamespace(
+        mixup=0.8,
+        cutmix=1.0,
+        mixup_prob=1.0,
+        mixup_switch_prob=0.5,
+        mixup_mode=mode,
+        smoothing=0.1,
+        batch_size=8,
+    )
+    accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    mixup_fn, _ = recipe_trainer._mixup_and_loss(args, accelerator, 4)
+    assert mixup_fn.mode == mode
 
 
 def test_svb_every_parsing() -> None:
