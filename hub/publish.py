@@ -6,9 +6,11 @@ card (``README.md``), loads the folder back through timm (``local-dir:``) and ch
 the run's model. For a zoo entry ``MODEL.TAG`` it also requires ``timm.create_model(MODEL.TAG)`` with the
 folder's weights (what ``pretrained=True`` users get) to give the same outputs, and evaluates that model: the
 re-evaluation on the test split, when the data is reachable, must match the run's record within
-``--tolerance``. Then it either leaves the folder in ``--dry-run OUT_DIR`` or uploads it with
-``huggingface_hub`` (one commit holding exactly the checked files) and records the pinned commit and the
-sha256 of the weights in the record of published weights (see ``hub/record.py`` for where it is written).
+``--tolerance``; and the run must have done what the tag claims (its data and schedule, see :data:`DATA_TAGS`;
+``--allow-mismatch REASON`` states an override), which the card states. Then it either leaves the folder in
+``--dry-run OUT_DIR`` or uploads it with ``huggingface_hub`` (one commit holding exactly the checked files)
+and records the pinned commit and the sha256 of the weights in the record of published weights (see
+``hub/record.py`` for where it is written).
 
     python hub/publish.py RUN_DIR --repo-id timm-svb/MODEL.TAG --dry-run OUT_DIR  # build and check only
     python hub/publish.py RUN_DIR --repo-id timm-svb/MODEL.TAG --require-eval     # ... push, record
@@ -688,7 +690,11 @@ def build_parser() -> argparse.ArgumentParser:
             "and must give outputs identical to the run's model, and so must timm.create_model(MODEL.TAG)\n"
             "with the folder's weights (what pretrained=True users get) for a zoo entry; that model is\n"
             "re-evaluated on the test split when the data is reachable and refused when the errors differ\n"
-            "from run.json by more than --tolerance. The record is read and checked before any upload.\n\n"
+            "from run.json by more than --tolerance. The record is read and checked before any upload.\n"
+            "A zoo entry is recorded only when the run did what its tag claims: DATA = the full schedule of\n"
+            "the run's recipe config (-c), DATA_eN = N epochs; DATA = a Hub set read from the Hub (cifar10,\n"
+            "cifar100, in1k) or a local copy's folder name (c10jpeg = --data-dir .../cifar10-jpeg); else\n"
+            "--allow-mismatch REASON. The card states the data as given, epochs done, SVB applications.\n\n"
             "--dry-run OUT_DIR stops there and leaves the folder in OUT_DIR. Otherwise it is uploaded\n"
             "with huggingface_hub in one commit holding exactly the checked files, on top of the repo's\n"
             "current commit (token from HF_TOKEN or the `hf auth login` cache; never printed or written),\n"
