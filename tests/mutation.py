@@ -80,7 +80,10 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="sha256-never-checked",
         breaks="no recorded file is ever checked against its sha256, on any loading path",
-        tests=("tests/test_hub.py::test_pretrained_from_record_on_every_path_with_tamper_checks",),
+        tests=(
+            "tests/test_hub.py::test_sha256_is_checked_at_the_recorded_commit_only",
+            "tests/test_hub.py::test_pretrained_from_record_on_every_path_with_tamper_checks",
+        ),
         patch="""
             import timm_svb.models._pretrained as p
             p.recorded_name = lambda repo_id, commit: None
