@@ -25,13 +25,14 @@ _TOPK = (("top1_err", 1), ("top5_err", 5))
 
 
 def _eval_results(dataset: dict[str, Any], metrics: dict[str, Any]) -> list[EvalResult]:
-    """``model-index`` entries: top-1 / top-5 accuracy (percent) on the run's test split."""
+    """``model-index`` entries: top-1 / top-5 accuracy (percent) on the run's test split (the data as given:
+    a local folder, not the Hub id it was given as)."""
     return [
         EvalResult(
             task_type="image-classification",
             task_name="Image Classification",
             dataset_type=dataset["name"],
-            dataset_name=dataset["name"],
+            dataset_name=data_source(dataset),
             dataset_split=dataset.get("test_split") or None,
             metric_type="accuracy",
             metric_name=f"Top-{k} accuracy (%)",
@@ -56,6 +57,37 @@ def _portable(value: Any) -> Any:
     return value
 
 
+def data_source(dataset: dict[str, Any]) -> str:
+    """The data a run read, as given: its local folder (``--data-dir``; an absolute path shortened), else
+    the ``--dataset`` name (a Hub id, ``sklearn-digits``)."""
+    return _portable(dataset.get("data_dir") or dataset["name"])
+
+
+def _data_description(dataset: dict[str, Any]) -> str:
+    """``source`` and, for a local folder, the name it was given as."""
+    source = data_source(dataset)
+    if dataset.get("data_dir") and dataset["name"] != dataset["data_dir"]:
+        return f"`{source}` (a local folder, given as `{_portable(dataset['name'])}`)"
+    return f"`{source}`" + (" (a local folder)" if dataset.get("data_dir") else "")
+
+
+def _what_it_did(facts: dict[str, Any], allowed_mismatch: str | None) -> str:
+    """The run's schedule and SVB applications, as recorded, and a stated override of the tag's claim."""
+    config, config_epochs = facts.get("config"), facts.get("config_epochs")
+    of_config = f" (recipe config `{_portable(config)}`" if config else ""
+    if config:
+        of_config += f": {config_epochs} epochs)" if config_epochs is not None else ")"
+    applied = facts.get("svb_applied_total")
+    svb = "" if applied is None else f" SVB/BBN applied {applied} times (`svb_applied_total`)."
+    text = (
+        f"Trained {facts.get('completed_epochs', '?')} epochs of the run's {facts.get('epochs', '?')}"
+        f"{of_config}.{svb}\n"
+    )
+    if allowed_mismatch:
+        text += f"\n**Recorded with a stated override** (`--allow-mismatch`): {allowed_mismatch}.\n"
+    return text
+
+
 def base_model(run: dict[str, Any]) -> str | None:
     """The Hub repo a fine-tuned run started from (``--pretrained`` with Hub weights), None otherwise."""
     hub_id = (run.get("pretrained_cfg") or {}).get("hf_hub_id")
@@ -69,10 +101,15 @@ def _json_block(obj: Any) -> str:
     return "```json\n" + json.dumps(obj, indent=2, sort_keys=True) + "\n```"
 
 
-def _svb_section(svb_config: dict[str, Any] | None, svb_override: str | None) -> str:
+def _svb_section(svb_config: dict[str, Any] | None, svb_override: str | None, applied: int | None) -> str:
     """What SVB/BBN settings trained these weights (or that they were trained without SVB, and why)."""
+    why = f" Recorded under an SVB model's name on purpose: {svb_override}\n" if svb_override else ""
+    if svb_config and applied == 0:
+        return (
+            "SVB/BBN was configured (`svb_config` in `config.json`) but its schedule applied it **0 times**: "
+            "these weights were trained by plain SGD.\n" + why
+        )
     if not svb_config:
-        why = f" Recorded under an SVB model's name on purpose: {svb_override}\n" if svb_override else ""
         return (
             "These weights were trained **without** SVB/BBN (plain SGD, like the paper's baselines).\n" + why
         )
@@ -102,18 +139,18 @@ def weights_description(weights: str, run: dict[str, Any]) -> str:
 
 def _results_table(dataset: dict[str, Any], metrics: dict[str, Any], checked: dict[str, Any] | None) -> str:
     """Markdown table of the run's recorded errors and, if done, the re-evaluation of the published file."""
-    split = dataset.get("test_split") or "-"
+    split, name = dataset.get("test_split") or "-", data_source(dataset)
     rows = [
         "Errors, lower is better (the model-index above reports accuracy = 100 - error).\n",
         "| data set | split | top-1 error (%) | top-5 error (%) | source |",
         "|---|---|---|---|---|",
-        f"| {dataset['name']} | {split} | {metrics['top1_err']:.2f} "
+        f"| {name} | {split} | {metrics['top1_err']:.2f} "
         f"| {metrics['top5_err']:.2f} | training run, `{metrics.get('weights', 'best')}` weights "
         f"(epoch {metrics.get('epoch', '?')}) |",
     ]
     if checked:
         rows.append(
-            f"| {dataset['name']} | {split} | {checked['top1_err']:.2f} "
+            f"| {name} | {split} | {checked['top1_err']:.2f} "
             f"| {checked['top5_err']:.2f} | re-evaluation of this repository's `model.safetensors` |"
         )
     else:
@@ -170,6 +207,8 @@ def build_model_card(
     num_params: int,
     spectrum_png: str | None = None,
     svb_override: str | None = None,
+    facts: dict[str, Any] | None = None,
+    allowed_mismatch: str | None = None,
 ) -> ModelCard:
     """The model card of a published run.
 
@@ -183,7 +222,12 @@ def build_model_card(
         num_params: Number of parameters of the model.
         spectrum_png: File name (in the repository) of the singular-value spectrum plot, if any.
         svb_override: Why an SVB model's name holds weights trained without SVB, if it does.
+        facts: What the run did (``hub/publish.py``'s ``run_facts``: epochs completed, the run's and its
+            config's epochs, ``svb_applied_total``), stated on the card.
+        allowed_mismatch: Why the weights are recorded under a tag whose data or schedule the run does not
+            meet, and how it differs (``--allow-mismatch``), if they are.
     """
+    facts = facts or {}
     dataset = run["dataset"]
     card_data = ModelCardData(
         library_name="timm",
@@ -195,7 +239,7 @@ def build_model_card(
         metrics=["accuracy"],
         base_model=base_model(run),
     )
-    if "/" in dataset["name"]:  # a Hub data set id
+    if "/" in dataset["name"] and not dataset.get("data_dir"):  # read from the Hub
         card_data.datasets = [dataset["name"]]
     spectrum = ""
     if spectrum_png:
@@ -206,12 +250,14 @@ def build_model_card(
         f"# {repo_id.split('/')[-1]}\n\n"
         f"`{run['model']}` image classifier ({num_params / 1e6:.2f} M parameters, "
         f"{run['num_classes']} classes) "
-        f"trained on `{dataset['name']}` with the `timm-svb` recipe. `model.safetensors` holds "
+        f"trained on {_data_description(dataset)} with the `timm-svb` recipe. `model.safetensors` holds "
         f"{weights_description(metrics.get('weights', 'best'), run)}.\n\n"
+        + _what_it_did(facts, allowed_mismatch)
+        + "\n"
         "## Results\n\n"
         + _results_table(dataset, metrics, checked)
         + "\n## SVB / BBN\n\n"
-        + _svb_section(run.get("svb_config"), svb_override)
+        + _svb_section(run.get("svb_config"), svb_override, facts.get("svb_applied_total"))
         + "\n## Usage\n\n"
         + _usage(repo_id, record_name, run["num_classes"])
         + spectrum

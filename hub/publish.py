@@ -6,9 +6,11 @@ card (``README.md``), loads the folder back through timm (``local-dir:``) and ch
 the run's model. For a zoo entry ``MODEL.TAG`` it also requires ``timm.create_model(MODEL.TAG)`` with the
 folder's weights (what ``pretrained=True`` users get) to give the same outputs, and evaluates that model: the
 re-evaluation on the test split, when the data is reachable, must match the run's record within
-``--tolerance``. Then it either leaves the folder in ``--dry-run OUT_DIR`` or uploads it with
-``huggingface_hub`` (one commit holding exactly the checked files) and records the pinned commit and the
-sha256 of the weights in the record of published weights (see ``hub/record.py`` for where it is written).
+``--tolerance``; and the run must have done what the tag claims (its data and schedule, see :data:`DATA_TAGS`;
+``--allow-mismatch REASON`` states an override), which the card states. Then it either leaves the folder in
+``--dry-run OUT_DIR`` or uploads it with ``huggingface_hub`` (one commit holding exactly the checked files)
+and records the pinned commit and the sha256 of the weights in the record of published weights (see
+``hub/record.py`` for where it is written).
 
     python hub/publish.py RUN_DIR --repo-id timm-svb/MODEL.TAG --dry-run OUT_DIR  # build and check only
     python hub/publish.py RUN_DIR --repo-id timm-svb/MODEL.TAG --require-eval     # ... push, record
@@ -20,18 +22,22 @@ checkout on ``sys.path`` ahead of it.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import functools
+import importlib
 import json
 import logging
 import math
+import os
 import re
 import shlex
+import stat
 import sys
 import tempfile
 import types
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 if not __package__:  # python hub/publish.py: import the sibling modules as the `hub` package, without
@@ -78,6 +84,18 @@ ALLOWED_FILES = frozenset({WEIGHTS_FILENAME, "config.json", "README.md", SPECTRU
 # Pretrained cfg entries that must agree between the run and the zoo cfg it is recorded under.
 _CFG_KEYS = ("num_classes", "input_size", "mean", "std", "interpolation", "crop_pct")
 _TAG_ALIASES = {"imagenet": "in1k", "imagenet_1k": "in1k", "imagenet1k": "in1k", "ilsvrc2012": "in1k"}
+# What a zoo tag claims, checked against what the run did before it is recorded. A tag is DATA (the full
+# schedule of the recipe config the run named, -c) or DATA_eN (N epochs completed). DATA names the data
+# sources below: a Hub id (the run read that set from the Hub) or the folder name of a local copy (the run's
+# --data-dir). A local copy of a Hub set is another source: record it under a tag of its own, or with
+# --allow-mismatch REASON (stated on the card and in the record).
+DATA_TAGS: dict[str, tuple[str, ...]] = {
+    "cifar10": ("uoft-cs/cifar10",),
+    "cifar100": ("uoft-cs/cifar100",),
+    "in1k": ("ILSVRC/imagenet-1k",),
+    "c10jpeg": ("cifar10-jpeg",),  # a local JPEG (quality 75) copy of CIFAR-10
+}
+_EPOCHS_TAG = re.compile(r"(?P<data>.+)_e(?P<epochs>[0-9]+)")
 
 # An evaluator re-evaluates a model on a run's test split: {"top1_err", "top5_err"} (percent), or None when
 # the test data is not reachable.
@@ -126,6 +144,73 @@ def load_run_model(run: dict[str, Any], weights: Path) -> nn.Module:
     return model.eval()
 
 
+def run_facts(run: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """What the run did, as the card states it and the tag's claim is checked against: the data source as
+    given (``--data-dir``, else ``--dataset``), epochs completed, the run's and its recipe config's epochs,
+    and SVB's applications (``svb_applied_total``; None without SVB or when not recorded)."""
+    dataset, recipe = run["dataset"], run.get("recipe") or {}
+    completed = run.get("completed_epochs", (run["metrics"].get("final") or {}).get("epoch"))
+    applied = run.get("svb_applied_total")
+    if applied is None and run.get("svb_config") and (run_dir / "summary.csv").is_file():
+        with open(run_dir / "summary.csv", encoding="utf-8") as f:  # runs written before run.json had it
+            rows = list(csv.DictReader(f))
+        applied = int(rows[-1]["svb_applied_total"]) if rows and rows[-1].get("svb_applied_total") else None
+    return {
+        "data_source": dataset.get("data_dir") or dataset["name"],
+        "local_data": bool(dataset.get("data_dir")),
+        "completed_epochs": completed,
+        "epochs": run.get("epochs", recipe.get("epochs")),
+        "config": recipe.get("config"),
+        "config_epochs": config_epochs(recipe.get("config")),
+        "svb_applied_total": applied,
+    }
+
+
+def config_epochs(config: str | None) -> int | None:
+    """The epochs of the recipe config a run named (``-c``: a path, else a name in ``recipes/configs``)."""
+    options = _recipes_module("options")
+    if not config or options is None:
+        return None
+    for candidate in dict.fromkeys((config, Path(config).stem)):  # a path of the training machine: its name
+        try:
+            epochs = options.load_config_file(candidate).get("epochs")
+        except SystemExit:
+            continue
+        return None if epochs is None else int(epochs)
+    return None
+
+
+def claim_mismatch(tag: str, facts: dict[str, Any]) -> str | None:
+    """How the run's data or schedule differs from what ``tag`` claims (see :data:`DATA_TAGS`); None if
+    they agree."""
+    match = _EPOCHS_TAG.fullmatch(tag)
+    data, claimed = (match["data"], int(match["epochs"])) if match else (tag, None)
+    if data not in DATA_TAGS:
+        return f"the tag {tag!r} names no known data (DATA_TAGS of hub/publish.py: {sorted(DATA_TAGS)})"
+    source, named = str(facts["data_source"]), DATA_TAGS[data]
+    if facts["local_data"]:
+        matches = PurePath(source).name in [n for n in named if "/" not in n]
+    else:
+        matches = source in [n for n in named if "/" in n]
+    if not matches:
+        return (
+            f"the tag {tag!r} claims the data {list(named)}, the run read {source!r}"
+            " (a Hub id means the set read from the Hub, a folder name a local copy of that name)"
+        )
+    done = facts["completed_epochs"]
+    if claimed is not None and done != claimed:
+        return f"the tag {tag!r} claims {claimed} epochs, the run completed {done}"
+    if claimed is None and (facts["config_epochs"] is None or done != facts["config_epochs"]):
+        config = (
+            f"its config {facts['config']!r} has {facts['config_epochs']}" if facts["config"] else "no -c"
+        )
+        return (
+            f"the tag {tag!r} claims the full schedule of a recipe config, the run completed {done} epochs "
+            f"({config}): name its schedule in the tag ({data}_e{done})"
+        )
+    return None
+
+
 def default_tag(dataset_name: str) -> str:
     """Pretrained tag for a data set name: ``uoft-cs/cifar10`` -> ``cifar10``, ``imagenet-1k`` -> ``in1k``."""
     base = re.split(r"[/\\]", dataset_name.rstrip("/\\"))[-1].lower()
@@ -155,6 +240,8 @@ def write_folder(model: nn.Module, run: dict[str, Any], folder: Path, tag: str) 
         "timm_svb_version": run.get("timm_svb_version", timm_svb.__version__),
     }
     save_for_hf(model, str(folder), model_config=model_config, safe_serialization=True)
+    # safetensors writes 0600: give the weights the mode of the config.json written beside them
+    os.chmod(folder / WEIGHTS_FILENAME, stat.S_IMODE((folder / "config.json").stat().st_mode))
 
 
 def write_spectrum(model: nn.Module, run: dict[str, Any], folder: Path) -> str | None:
@@ -227,16 +314,14 @@ def zoo_model(name: str, folder: Path, model: nn.Module) -> tuple[nn.Module | No
 # ------------------------------------------------------------------------------------------- evaluation
 
 
-def _validate_module() -> Any:
-    """``recipes/validate.py`` as a module (None if it is not there)."""
+def _recipes_module(name: str) -> Any:
+    """``recipes/NAME.py`` as a module (None if it is not there)."""
     recipes = REPO_ROOT / "recipes"
-    if not (recipes / "validate.py").is_file():
+    if not (recipes / f"{name}.py").is_file():
         return None
     if str(recipes) not in sys.path:
         sys.path.insert(0, str(recipes))
-    import validate  # noqa: PLC0415
-
-    return validate
+    return importlib.import_module(name)
 
 
 def recipe_evaluator(
@@ -245,7 +330,7 @@ def recipe_evaluator(
     """Re-evaluate ``model`` with ``recipes/validate.py`` as the run tested (its data set, preprocessing, test
     batch, memory format and precision; on a GPU when there is one); None when the test data is not
     reachable (the recipe's ``DataError``)."""
-    validate = _validate_module()
+    validate = _recipes_module("validate")
     if validate is None:
         _logger.warning("recipes/validate.py not found: not re-evaluated")
         return None
@@ -273,11 +358,15 @@ def check_metrics(recorded: dict[str, Any], checked: dict[str, float], tolerance
 # ----------------------------------------------------------------------------------------------- record
 
 
-def zoo_mismatch(run: dict[str, Any], repo_id: str, name: str, svb_override: str | None) -> str | None:
+def zoo_mismatch(
+    run: dict[str, Any], repo_id: str, name: str, svb_override: str | None, svb_applied: int | None = None
+) -> str | None:
     """Why the run cannot be recorded as zoo entry ``name``, before building anything (None if it can).
 
     The record pins ``timm-svb/MODEL.TAG``; the tag must exist and its cfg match the run's preprocessing
-    and classes; an ``_svb`` name needs weights trained with SVB (or ``--svb-override REASON``). That the zoo
+    and classes; an ``_svb`` name needs weights trained with SVB, applied at least once (``svb_applied``
+    None: not known) (or ``--svb-override REASON``). That the tag's data and schedule claim holds is
+    :func:`claim_mismatch`'s, checked by :func:`prepare`. That the zoo
     model gives the run's outputs is checked on the built folder (:func:`zoo_model`). SVB bands other than
     the zoo model's defaults are only logged: ``config.json``, the card and the record keep the bands used.
     """
@@ -296,11 +385,17 @@ def zoo_mismatch(run: dict[str, Any], repo_id: str, name: str, svb_override: str
         if not _same(zoo_cfg.get(key), run_cfg.get(key)):
             return f"{key}: zoo cfg {name!r} has {zoo_cfg.get(key)!r}, the run {run_cfg.get(key)!r}"
     trained = _svb_bands(run["svb_config"])
-    if name.split(".")[0].endswith("_svb") and not trained["epsilon"] and not svb_override:
-        return (
-            f"{name} is an SVB model but the run trained without SVB: record it under the baseline's name, "
-            "or pass --svb-override REASON (stated on the model card and in the record)"
-        )
+    if name.split(".")[0].endswith("_svb") and not svb_override:
+        if not trained["epsilon"]:
+            return (
+                f"{name} is an SVB model but the run trained without SVB: record it under the baseline's "
+                "name, or pass --svb-override REASON (stated on the model card and in the record)"
+            )
+        if svb_applied == 0:
+            return (
+                f"{name} is an SVB model but SVB never applied in the run (svb_applied_total 0: its schedule "
+                "never fired, plain SGD): train longer, or pass --svb-override REASON"
+            )
     carried = _svb_bands(getattr(timm.create_model(name.split(".")[0]), "svb_config", None))
     if trained["epsilon"] and not _same(list(trained.values()), list(carried.values())):
         _logger.warning(
@@ -380,6 +475,7 @@ class PublishOptions:
     record: Path | None = None
     no_record: bool = False
     svb_override: str | None = None
+    allow_mismatch: str | None = None
     commit_message: str | None = None
     private: bool = False
     data_dir: Path | None = None
@@ -411,6 +507,8 @@ class Release:
     not_recordable: str | None  # why the zoo cannot list them, None if it can
     recorded: dict[str, Any]  # the run's metrics of these weights
     record: Path | None  # the record to write, None when not recording
+    facts: dict[str, Any]  # what the run did (run_facts)
+    mismatch: str | None  # how that differs from the tag's claim (claim_mismatch), None if it agrees
 
 
 def prepare(run_dir: Path, opts: PublishOptions) -> Release:
@@ -442,9 +540,15 @@ def prepare(run_dir: Path, opts: PublishOptions) -> Release:
     tag = opts.tag or default_tag(run["dataset"]["name"])
     name = f"{model.pretrained_cfg['architecture']}.{tag}"
     recorded = {**run["metrics"][weights], "weights": weights}
-    rel = Release(
-        run, model, tag, name, zoo_mismatch(run, opts.repo_id, name, opts.svb_override), recorded, record
-    )
+    facts = run_facts(run, run_dir)
+    mismatch = claim_mismatch(tag, facts)
+    not_recordable = zoo_mismatch(run, opts.repo_id, name, opts.svb_override, facts["svb_applied_total"])
+    if not_recordable is None and mismatch and not opts.allow_mismatch:
+        not_recordable = (
+            f"{mismatch}; record it under a tag that says what the run did, or pass --allow-mismatch REASON "
+            "(stated on the model card and in the record)"
+        )
+    rel = Release(run, model, tag, name, not_recordable, recorded, record, facts, mismatch)
     _refuse_unrecordable(rel, opts)
     return rel
 
@@ -490,6 +594,8 @@ def build_checked_folder(rel: Release, folder: Path, opts: PublishOptions, evalu
         num_params=sum(p.numel() for p in rel.model.parameters()),
         spectrum_png=write_spectrum(loaded, rel.run, folder),
         svb_override=opts.svb_override,
+        facts=rel.facts,
+        allowed_mismatch=_allowed_mismatch(rel, opts),
     )
     card.save(folder / "README.md")
     dataset = rel.run["dataset"]
@@ -499,6 +605,13 @@ def build_checked_folder(rel: Release, folder: Path, opts: PublishOptions, evalu
         **rel.recorded,
         "reevaluated": checked,
     }
+
+
+def _allowed_mismatch(rel: Release, opts: PublishOptions) -> str | None:
+    """The stated override of a recorded tag whose claim the run does not meet: 'REASON (how it differs)'."""
+    if not (rel.mismatch and opts.allow_mismatch and opts.recording):
+        return None
+    return f"{opts.allow_mismatch} (recorded although {rel.mismatch})"
 
 
 def push_and_record(
@@ -515,7 +628,15 @@ def push_and_record(
     if rel.record is None:
         return {"revision": revision}
     try:
-        entry = record_entry(folder, rel.name, revision, metrics, rel.run["svb_config"], opts.svb_override)
+        entry = record_entry(
+            folder,
+            rel.name,
+            revision,
+            metrics,
+            rel.run["svb_config"],
+            opts.svb_override,
+            allow_mismatch=_allowed_mismatch(rel, opts),
+        )
         write_record(rel.record, rel.name, entry)
     except (OSError, RecordError) as e:
         raise PushedNotRecordedError(opts.repo_id, revision, str(e)) from e
@@ -544,6 +665,9 @@ def publish(
             "record_name": rel.name,
             "recordable": rel.not_recordable is None,
             "not_recordable_reason": rel.not_recordable,
+            "run": {k: v for k, v in rel.facts.items() if k != "local_data"},
+            "tag_mismatch": rel.mismatch,
+            "allow_mismatch": opts.allow_mismatch if rel.mismatch else None,
             "files": sorted(p.name for p in folder.iterdir()),
             "sha256": file_sha256(folder / WEIGHTS_FILENAME),
             "outputs_identical": True,
@@ -566,7 +690,11 @@ def build_parser() -> argparse.ArgumentParser:
             "and must give outputs identical to the run's model, and so must timm.create_model(MODEL.TAG)\n"
             "with the folder's weights (what pretrained=True users get) for a zoo entry; that model is\n"
             "re-evaluated on the test split when the data is reachable and refused when the errors differ\n"
-            "from run.json by more than --tolerance. The record is read and checked before any upload.\n\n"
+            "from run.json by more than --tolerance. The record is read and checked before any upload.\n"
+            "A zoo entry is recorded only when the run did what its tag claims: DATA = the full schedule of\n"
+            "the run's recipe config (-c), DATA_eN = N epochs; DATA = a Hub set read from the Hub (cifar10,\n"
+            "cifar100, in1k) or a local copy's folder name (c10jpeg = --data-dir .../cifar10-jpeg); else\n"
+            "--allow-mismatch REASON. The card states the data as given, epochs done, SVB applications.\n\n"
             "--dry-run OUT_DIR stops there and leaves the folder in OUT_DIR. Otherwise it is uploaded\n"
             "with huggingface_hub in one commit holding exactly the checked files, on top of the repo's\n"
             "current commit (token from HF_TOKEN or the `hf auth login` cache; never printed or written),\n"
@@ -650,6 +778,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--svb-override",
         metavar="REASON",
         help="record an _svb model trained without SVB; REASON is stated on the card and in the record",
+    )
+    p.add_argument(
+        "--allow-mismatch",
+        metavar="REASON",
+        help="record a run whose data or schedule differ from what its tag claims (a tag is DATA, the full "
+        "schedule of the run's recipe config, or DATA_eN, N epochs completed; DATA names a Hub set read "
+        "from the Hub or a local copy's folder name, e.g. c10jpeg = a folder cifar10-jpeg); REASON and the "
+        "difference are stated on the card and in the record",
     )
     p.add_argument("--commit-message", help="Hub commit message (default: 'Add MODEL.TAG weights (...)')")
     p.add_argument(

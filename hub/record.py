@@ -84,9 +84,10 @@ def record_entry(
     metrics: dict[str, Any],
     svb_config: dict[str, Any] | None,
     svb_override: str | None = None,
+    allow_mismatch: str | None = None,
 ) -> dict[str, Any]:
     """The (validated) record entry ``name`` of a published folder: repo id, pinned commit, sha256 of its
-    weights, metrics and the SVB settings the weights were trained with."""
+    weights, metrics and the SVB settings the weights were trained with; the stated overrides, if any."""
     entry = {
         "hf_hub_id": f"{HUB_ORG}/{name}",
         "revision": revision,
@@ -94,6 +95,7 @@ def record_entry(
         "metrics": metrics,
         "svb_config": svb_config,
         **({"svb_override": svb_override} if svb_override else {}),
+        **({"allow_mismatch": allow_mismatch} if allow_mismatch else {}),
     }
     check_entry(name, entry)
     return entry

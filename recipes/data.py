@@ -185,32 +185,69 @@ def make_synthetic_dataset(
     return dsd
 
 
-def _split_files(source: str) -> dict[str, Any]:
+def _split_files(source: str) -> tuple[dict[str, Any], str]:
     """The data files of every split of a Hub data set or a local folder (imagefolder, parquet, ...), without
-    reading them: ``{split: files}``."""
+    reading them: ``{split: files}``, and the name of the ``datasets`` builder that reads them."""
     import datasets  # noqa: PLC0415
 
     builder = datasets.load_dataset_builder(source)
     files = builder.config.data_files or {}
     if not files:
         raise DataError(f"{source}: no data files found (an empty folder or repository?)")
-    return dict(files)
+    return dict(files), builder.name
 
 
-def _load_split_files(source: str, files: dict[str, Any], splits: list[str], streaming: bool = False) -> Any:
+def _load_split_files(
+    source: str, files: dict[str, Any], splits: list[str], streaming: bool = False, features: Any = None
+) -> Any:
     """``load_dataset`` of ``splits`` only: the other splits are never downloaded nor prepared."""
     import datasets  # noqa: PLC0415
 
-    return datasets.load_dataset(source, data_files={s: files[s] for s in splits}, streaming=streaming)
+    data_files = {s: files[s] for s in splits}
+    return datasets.load_dataset(source, data_files=data_files, streaming=streaming, features=features)
+
+
+def _folder_classes(files: list[str]) -> list[str]:
+    """The class names of an imagefolder split: the folders its images are in (``SPLIT/<class>/<image>``)."""
+    return sorted({os.path.basename(os.path.dirname(str(f))) for f in files})
 
 
 class _LazySplits(dict):
-    """The splits of a Hub set or a local folder by name; a split is loaded when first asked for, alone."""
+    """The splits of a Hub set or a local folder by name; a split is loaded when first asked for, alone.
 
-    def __init__(self, source: str) -> None:
+    An imagefolder tree names its classes by folder, and ``datasets`` would number them per split (with
+    ``train/{a,b,c}`` and ``test/{a,c}``, test's ``c`` would get ``b``'s label): here every split is read with
+    the classes of ``class_split`` (the training split), and a split with a class that one lacks is refused.
+    """
+
+    def __init__(self, source: str, class_split: str | None = None) -> None:
         super().__init__()
         self.source = source
-        self.files = _split_files(source)
+        self.files, builder = _split_files(source)
+        self.class_split, self.classes = class_split, None
+        has_metadata = any(
+            os.path.basename(str(f)).startswith("metadata.") for v in self.files.values() for f in v
+        )
+        if builder == "imagefolder" and class_split in self.files and not has_metadata:
+            self.classes = _folder_classes(self.files[class_split])
+
+    def features(self, split: str) -> Any:
+        """The features to read ``split`` with: the training split's classes for an imagefolder tree (None:
+        as ``datasets`` infers them)."""
+        if self.classes is None:
+            return None
+        import datasets  # noqa: PLC0415
+
+        extra = sorted(set(_folder_classes(self.files[split])) - set(self.classes))
+        if extra:
+            raise DataError(
+                f"split {split!r} of {self.source} has class folder(s) {extra} that the training split "
+                f"{self.class_split!r} lacks (its classes: {self.classes}); labels must mean the same class "
+                f"in every split: add those classes to {self.class_split}/ or remove them from {split}/"
+            )
+        return datasets.Features(
+            {"image": datasets.Image(), "label": datasets.ClassLabel(names=self.classes)}
+        )
 
     def keys(self) -> Any:
         return self.files.keys()
@@ -221,8 +258,9 @@ class _LazySplits(dict):
     def __missing__(self, split: str) -> Any:
         if split not in self.files:
             raise KeyError(split)
+        features = self.features(split)
         try:
-            self[split] = _load_split_files(self.source, self.files, [split])[split]
+            self[split] = _load_split_files(self.source, self.files, [split], features=features)[split]
         except Exception as e:  # noqa: BLE001
             raise DataError(f"cannot load split {split!r} of {self.source} ({type(e).__name__}: {e})") from e
         return super().__getitem__(split)
@@ -231,14 +269,16 @@ class _LazySplits(dict):
         """The first ``rows`` examples of ``split``, streamed (enough to check that it is labelled)."""
         import datasets  # noqa: PLC0415
 
-        stream = _load_split_files(self.source, self.files, [split], streaming=True)[split]
+        stream = _load_split_files(
+            self.source, self.files, [split], streaming=True, features=self.features(split)
+        )[split]
         return datasets.Dataset.from_list(list(stream.take(rows)), features=stream.features)
 
 
-def _open(source: str) -> Any:
+def _open(source: str, class_split: str | None = None) -> Any:
     """A Hub data set or a local folder by split, each split loaded when used (see :class:`_LazySplits`)."""
     try:
-        return _LazySplits(source)
+        return _LazySplits(source, class_split)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001  (datasets and huggingface_hub raise many types)
@@ -257,18 +297,25 @@ def _open(source: str) -> Any:
         ) from e
 
 
-def _load_local(path: Path) -> Any:
+def _load_local(path: Path, class_split: str | None = None) -> Any:
     import datasets  # noqa: PLC0415
 
     if (path / "dataset_dict.json").is_file():
-        return datasets.load_from_disk(str(path))  # memory-mapped: nothing to prepare
+        try:
+            return datasets.load_from_disk(str(path))  # memory-mapped: nothing to prepare
+        except Exception as e:  # noqa: BLE001  (a damaged folder raises IndexError, OSError, ...)
+            raise DataError(
+                f"{path} is a damaged save_to_disk folder ({type(e).__name__}: {e}): a split without data "
+                "(an empty split saves no shard) or a truncated or missing .arrow file. Save it again with "
+                "DatasetDict({'train': ..., 'test': ...}).save_to_disk(DIR), each split non-empty"
+            ) from e
     if (path / "state.json").is_file():
         raise DataError(
             f"{path} is a save_to_disk folder of a single split; save a DatasetDict with train and test "
             "splits "
             "(DatasetDict({'train': ..., 'test': ...}).save_to_disk(DIR))"
         )
-    return _open(str(path))  # imagefolder tree or a local copy of a Hub dataset repository
+    return _open(str(path), class_split)  # imagefolder tree or a local copy of a Hub dataset repository
 
 
 def _peek(dsd: Any, split: str) -> Any:
@@ -380,11 +427,11 @@ def load_image_dataset(
         raise DataError(f"--data-dir {local} is not a folder")
 
     if local is not None:
-        dsd = _load_local(local)
+        dsd = _load_local(local, train_split)
     elif name == DIGITS:
         dsd = digits_dataset()
     else:
-        dsd = _open(name)
+        dsd = _open(name, train_split)
 
     test_split = _pick_test_split(dsd, label_column, val_split)
     test = dsd[test_split]
@@ -415,6 +462,7 @@ def load_image_dataset(
     for split_name, size in ((train_split, num_train), (test_split, len(test))):
         if size == 0:
             raise DataError(f"split {split_name!r} is empty")
+    _check_labels(name, {train_split: train, test_split: test}, label_column, label_names)
     return ImageData(
         name=name,
         train=train,
@@ -437,7 +485,9 @@ def _stream(dsd: Any, split: str) -> tuple[Any, int]:
         return ds.to_iterable_dataset(num_shards=max(1, min(len(ds), 64))), len(ds)
     import datasets  # noqa: PLC0415
 
-    stream = _load_split_files(dsd.source, dsd.files, [split], streaming=True)[split]
+    stream = _load_split_files(dsd.source, dsd.files, [split], streaming=True, features=dsd.features(split))[
+        split
+    ]
     splits = datasets.load_dataset_builder(dsd.source).info.splits or {}
     if split in splits and splits[split].num_examples:
         return stream, int(splits[split].num_examples)
@@ -446,6 +496,36 @@ def _stream(dsd: Any, split: str) -> tuple[Any, int]:
     )
     first = next(iter(stream.features or {"": None}))
     return stream, sum(1 for _ in stream.select_columns([first]))
+
+
+def _check_labels(name: str, splits: dict[str, Any], column: str, label_names: list[str]) -> None:
+    """Refuse, before any training, splits whose labels would index past the classifier or mean other
+    classes: labels outside ``[0, len(label_names))`` (a ``ClassLabel``'s -1, an integer 5 of 3 classes; they
+    would fail mid-epoch with an ``IndexError``, or a device-side assert on a GPU) and class names that
+    differ from the training split's. A streamed split is not read ahead for this."""
+    import datasets  # noqa: PLC0415
+
+    count = len(label_names)
+    for split_name, split in splits.items():
+        if split is None:
+            continue
+        feature = (split.features or {}).get(column)
+        if isinstance(feature, datasets.ClassLabel) and list(feature.names) != list(label_names):
+            raise DataError(
+                f"split {split_name!r} of {name} names its classes {list(feature.names)[:10]}, the training "
+                f"split {list(label_names)[:10]}: a label would mean another class in each; make the splits' "
+                "ClassLabel names equal (dataset.cast_column or align_labels_with_mapping)"
+            )
+        if isinstance(split, datasets.IterableDataset):
+            continue
+        bad = sorted({v for v in split.unique(column) if v is None or not 0 <= v < count}, key=str)
+        if bad:
+            raise DataError(
+                f"split {split_name!r} of {name} holds label(s) {bad[:5]} in column {column!r}, outside "
+                f"[0, {count}) for its {count} classes (-1 marks unlabelled examples): fix those labels or "
+                f"drop those rows (dataset.filter(lambda row: 0 <= row[{column!r}] < {count})), or name "
+                "another split (--train-split / --val-split)"
+            )
 
 
 def _label_names(ds: Any, column: str) -> list[str]:

@@ -11,8 +11,11 @@ Layout (``hub/publish.py`` reads ``run.json`` and ``model_{best,final}.safetenso
     RUN/args.yaml                 the resolved configuration (a valid --config)
     RUN/checkpoints/epoch_NNNN/   accelerate states (model, optimizer, scheduler, RNG, SVB, run state)
 
-Every file is written to a temporary name and renamed, a checkpoint folder too: a run killed while saving
-leaves the previous good files and checkpoint, and ``--resume`` picks the newest complete checkpoint.
+Every file is written to a temporary name and renamed (weights with the mode of any other new file), a
+checkpoint folder too, also over an older one of the same epoch: a run killed while saving leaves the previous
+good files and checkpoint, and ``--resume`` picks the newest complete checkpoint. A run resumed from an
+earlier checkpoint than its newest (a rewind) moves what it did after that one (later checkpoints, weights of
+later epochs) to ``RUN/abandoned/after_epoch_NNNN/``: the run continues on the branch resumed.
 """
 
 from __future__ import annotations
@@ -31,16 +34,19 @@ import safetensors.torch
 from torch import nn
 
 __all__ = [
+    "ABANDONED",
     "CHECKPOINTS",
     "RunState",
     "SUMMARY_FIELDS",
     "WEIGHTS",
+    "abandon_later_epochs",
     "atomic_write_text",
     "find_checkpoint",
     "jsonable",
     "list_checkpoints",
     "load_plain_weights",
     "metrics_of",
+    "new_file_mode",
     "plain_state_dict",
     "save_checkpoint",
     "save_weights",
@@ -48,6 +54,7 @@ __all__ = [
 ]
 
 CHECKPOINTS = "checkpoints"
+ABANDONED = "abandoned"
 _CKPT_RE = re.compile(r"^epoch_(\d{4,})$")
 SUMMARY_FIELDS = (
     "epoch",
@@ -142,11 +149,20 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
-    """The model's state dict as safetensors (CPU, contiguous, metadata ``{"format": "pt"}``), atomically."""
+    """The model's state dict as safetensors (CPU, contiguous, metadata ``{"format": "pt"}``), atomically,
+    with the mode of any other new file (safetensors writes 0600)."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, new_file_mode())
     os.replace(tmp, path)
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def plain_state_dict(state: dict[str, Any]) -> dict[str, Any]:
@@ -235,18 +251,54 @@ def save_checkpoint(accelerator: Any, run_dir: Path, epoch: int, keep: int) -> P
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(".tmp-epoch_*"):  # left by a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
+        for old in folder.glob(".old-epoch_*"):  # killed while replacing: the old one is whole, keep it
+            kept = folder / old.name[len(".old-") :]
+            if kept.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, kept)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        old = folder / f".old-epoch_{epoch:04d}"
+        if final.exists():  # renamed aside, not deleted in place: a kill never leaves half of it listed
+            os.replace(final, old)
         os.replace(tmp, final)
-        for _, old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        for _, previous in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(previous, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def abandon_later_epochs(run_dir: Path, epoch: int, metrics: dict[str, Any]) -> Path | None:
+    """Before a run resumes from the checkpoint of ``epoch``, move what it did after that epoch (a branch the
+    rewind abandons) to ``RUN/abandoned/after_epoch_NNNN[-k]/``: checkpoints of later epochs (else
+    ``--resume`` would continue from them, and pruning would delete the one resumed from) and the
+    ``model_*.safetensors`` whose epoch in ``metrics`` (the run's ``run.json``) is later. Returns the folder
+    (None when nothing was later)."""
+    later = [p for e, p in list_checkpoints(run_dir) if e > epoch]
+    weights = [
+        run_dir / f"model_{name}.safetensors"
+        for name in WEIGHTS
+        if (metrics.get(name) or {}).get("epoch", 0) > epoch
+        and (run_dir / f"model_{name}.safetensors").exists()
+    ]
+    if not later and not weights:
+        return None
+    dest = base = Path(run_dir) / ABANDONED / f"after_epoch_{epoch:04d}"
+    k = 1
+    while dest.exists():  # rewound to this epoch before: keep that branch too
+        k += 1
+        dest = base.with_name(f"{base.name}-{k}")
+    (dest / CHECKPOINTS).mkdir(parents=True)
+    for path in later:
+        os.replace(path, dest / CHECKPOINTS / path.name)
+    for path in weights:
+        os.replace(path, dest / path.name)
+    return dest
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -76,6 +76,8 @@ from memory_data import (
 from options import build_parser
 from rundir import (
     RunState,
+    abandon_later_epochs,
+    atomic_write_text,
     find_checkpoint,
     jsonable,
     load_plain_weights,
@@ -199,6 +201,8 @@ def setup_run(args: Any, given: dict[str, Any]) -> RunSetup:
     record = run_dir / "run.json"
     previous = json.loads(record.read_text(encoding="utf-8")) if resume_from and record.is_file() else {}
     changed = _resume_changes(previous, given, run_dir) if previous else {}
+    if resume_from is not None and state.is_main_process:
+        _abandon_later_epochs(run_dir, resume_from, previous)
     state.wait_for_everyone()  # every process has looked at the run folder before the main one writes to it
 
     if args.batch_size % (state.num_processes * args.grad_accum_steps):
@@ -746,6 +750,23 @@ def _resume(setup: RunSetup, optimizer: torch.optim.Optimizer, run_state: RunSta
     )
 
 
+def _abandon_later_epochs(run_dir: Path, resume_from: Path, previous: dict[str, Any]) -> None:
+    """A rewind (``--resume`` of an earlier checkpoint than the run's newest) continues on the branch resumed:
+    what the run did after it is moved aside (:func:`rundir.abandon_later_epochs`), and said so."""
+    epoch = int(resume_from.name.split("_")[-1])
+    moved = abandon_later_epochs(run_dir, epoch, previous.get("metrics") or {})
+    if moved is not None:
+        _logger.warning(
+            "resuming %s from epoch %d, before its newest checkpoint: what it did after epoch %d (%s) "
+            "moved to %s; --resume now continues this branch",
+            run_dir,
+            epoch,
+            epoch,
+            ", ".join(sorted(p.name for p in [*moved.iterdir(), *(moved / "checkpoints").iterdir()])),
+            moved,
+        )
+
+
 def _log_svb_schedule(svb: RecordingSVB, steps_per_epoch: int, svb_steps: list[int], epochs: int) -> None:
     _logger.info(
         "SVB eps %g, BBN %s: every %d steps (epoch = %d steps), not in the last %d steps of an epoch%s: "
@@ -759,8 +780,20 @@ def _log_svb_schedule(svb: RecordingSVB, steps_per_epoch: int, svb_steps: list[i
         len(svb_steps),
         epochs,
     )
-    if not svb_steps and epochs > 1:
-        _logger.warning("SVB is on but its schedule never fires: check --svb-every / --svb-skip-last")
+    if not svb_steps:
+        causes = [
+            f"--epochs {epochs} ({steps_per_epoch} steps each)",
+            f"--svb-every ({svb.every_n_steps} steps)",
+        ]
+        if svb.skip_last_steps:
+            causes.append(f"--svb-skip-last {svb.skip_last_steps}")
+        if svb.skip_final_epoch:
+            causes.append("--svb-skip-final-epoch (on by default; --no-svb-skip-final-epoch)")
+        _logger.warning(
+            "SVB is on but its schedule applies it 0 times: this run is plain SGD. The schedule comes from "
+            "%s; train more epochs or change those options",
+            ", ".join(causes),
+        )
 
 
 # ---------------------------------------------------------------------------------------- 7. run record
@@ -779,6 +812,11 @@ class RunRecord:
             return
         self.run["status"] = status
         self.run["completed_epochs"] = self.state.epoch
+        # SVB applications so far, which the publisher's model card states (None: no SVB)
+        last = self.state.history[-1] if self.state.history else {}
+        self.run["svb_applied_total"] = (
+            None if self.run["svb_config"] is None else last.get("svb_applied_total", 0)
+        )
         self.run["metrics"] = self.state.metrics()
         write_run_json(self.run_dir / "run.json", self.run)
         write_summary(self.run_dir / "summary.csv", self.state.history)
@@ -839,11 +877,13 @@ def start_record(
         accelerator.is_main_process,
     )
     if accelerator.is_main_process:
-        with open(run.run_dir / "args.yaml", "w", encoding="utf-8") as f:
-            resolved = {**vars(args), "channels_last": recipe["channels_last"]}
+        resolved = {**vars(args), "channels_last": recipe["channels_last"]}
+        atomic_write_text(
+            run.run_dir / "args.yaml",
             yaml.safe_dump(
-                {k: v for k, v in resolved.items() if k not in ("config", "resume")}, f, sort_keys=False
-            )
+                {k: v for k, v in resolved.items() if k not in ("config", "resume")}, sort_keys=False
+            ),
+        )
         for name in ("best", "best_ema") if setup.resume_from is not None else ():
             best = getattr(run.state, name)
             if best is not None and best["epoch"] == run.state.epoch:  # the save may have been cut short

@@ -80,7 +80,10 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="sha256-never-checked",
         breaks="no recorded file is ever checked against its sha256, on any loading path",
-        tests=("tests/test_hub.py::test_pretrained_from_record_on_every_path_with_tamper_checks",),
+        tests=(
+            "tests/test_hub.py::test_sha256_is_checked_at_the_recorded_commit_only",
+            "tests/test_hub.py::test_pretrained_from_record_on_every_path_with_tamper_checks",
+        ),
         patch="""
             import timm_svb.models._pretrained as p
             p.recorded_name = lambda repo_id, commit: None
@@ -174,6 +177,102 @@ MUTANTS: tuple[Mutant, ...] = (
                 return real(seed, device_specific=False, deterministic=deterministic)
             accelerate.utils.set_seed = same_everywhere
         """,
+    ),
+    Mutant(
+        name="bbn-skips-sync-batchnorm",
+        breaks="BBN bounds BatchNorm1d/2d/3d only: the SyncBatchNorm layers of --sync-bn are never bounded",
+        tests=("tests/test_svb.py::test_bbn_bounds_sync_batchnorm_layers_as_batchnorm",),
+        edits=(
+            (
+                "timm_svb/svb.py",
+                "is_bn = with_bn and isinstance(module, _BatchNorm) and module.affine",
+                "is_bn = with_bn and isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) "
+                "and module.affine",
+            ),
+        ),
+    ),
+    Mutant(
+        name="subgroup-broadcast-from-group-rank",
+        breaks="in a process subgroup of ranks other than 0..n-1, layers are broadcast from the wrong rank",
+        tests=(
+            "tests/test_svb.py::test_subgroup_with_ranks_not_from_zero_broadcasts_from_each_layers_owner",
+        ),
+        edits=(
+            (
+                "timm_svb/svb.py",
+                "src=dist.get_global_rank(group, owner) if group is not None else owner, group=group",
+                "src=owner, group=group",
+            ),
+        ),
+    ),
+    Mutant(
+        name="sha256-checked-at-every-commit",
+        breaks="the recorded sha256 is applied to every commit of a recorded repo: others fail to load",
+        tests=("tests/test_hub.py::test_sha256_is_checked_at_the_recorded_commit_only",),
+        patch="""
+            import timm_svb.models._pretrained as p
+            p.recorded_name = lambda repo_id, commit: next(
+                (n for n, e in p.PUBLISHED.items() if e["hf_hub_id"] == repo_id), None
+            )
+        """,
+    ),
+    Mutant(
+        name="resume-forgets-best-ema",
+        breaks="a resumed run forgets the EMA's best epoch: a worse EMA overwrites model_best_ema",
+        tests=("tests/test_recipe.py::test_run_state_keeps_the_best_ema_across_a_checkpoint",),
+        edits=(("recipes/rundir.py", 'self.best_ema = state.get("best_ema")', "self.best_ema = None"),),
+    ),
+    Mutant(
+        name="ema-steps-restart-each-epoch",
+        breaks="the EMA's step count restarts every epoch: the warm-up of its decay repeats",
+        tests=("tests/test_recipe.py::test_the_ema_counts_steps_over_the_whole_run",),
+        edits=(
+            ("recipes/engine.py", "ema.update(step=epoch * (total or 0) + steps)", "ema.update(step=steps)"),
+        ),
+    ),
+    Mutant(
+        name="ema-svb-ignores-exclude",
+        breaks="the EMA copy's SVB bounds --svb-exclude'd and frozen layers",
+        tests=("tests/test_recipe.py::test_the_emas_svb_leaves_excluded_and_frozen_layers_alone",),
+        edits=(
+            (
+                "recipes/trainer.py",
+                "svb.bbn_epsilon, exclude=_svb_exclude(args, copy), bbn_mode",
+                "svb.bbn_epsilon, exclude=(), bbn_mode",
+            ),
+        ),
+    ),
+    Mutant(
+        name="wrapper-prefixes-in-one-order",
+        breaks="module. / _orig_mod. are stripped in one fixed order only: DDP around compile keeps a prefix",
+        tests=("tests/test_recipe.py::test_plain_state_dict_drops_wrapper_prefixes",),
+        edits=(
+            (
+                "recipes/rundir.py",
+                """    while state:
+        prefix = next((p for p in ("_orig_mod.", "module.") if all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            break
+        state = {k[len(prefix) :]: v for k, v in state.items()}
+""",
+                """    for prefix in ("_orig_mod.", "module."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+""",
+            ),
+        ),
+    ),
+    Mutant(
+        name="mixup-mode-ignored",
+        breaks="--mixup-mode is ignored: always batch mode",
+        tests=("tests/test_recipe.py::test_mixup_mode_is_used",),
+        edits=(("recipes/trainer.py", "mode=args.mixup_mode,", 'mode="batch",'),),
+    ),
+    Mutant(
+        name="cosine-ignores-warmup-offset",
+        breaks="the cosine schedule counts from epoch 0, not the end of warm-up: it starts below the peak",
+        tests=("tests/test_recipe.py::test_cosine_schedule_starts_at_the_peak_after_warmup",),
+        edits=(("recipes/engine.py", "t = min(e - warmup_epochs, span) / span", "t = min(e, span) / span"),),
     ),
     Mutant(
         name="record-written-without-lock",

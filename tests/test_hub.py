@@ -47,7 +47,8 @@ import timm_svb  # noqa: F401  (registers the zoo)
 from hub import publish as pub
 from hub import record as hub_record
 from hub.record import RecordError, file_sha256, read_record, record_path, write_record
-from timm_svb.models._pretrained import PretrainedWeightsFormatError
+from timm_svb.models import _pretrained as pretrained_record
+from timm_svb.models._pretrained import PretrainedWeightsFormatError, PretrainedWeightsIntegrityError
 
 MODEL = "convnet20_svb"
 TAG = "cifar10"
@@ -100,7 +101,7 @@ def make_run(run_dir: Path, **model_kwargs: Any) -> Path:
             p.add_(0.05 * torch.randn_like(p))
     safetensors.torch.save_file(model.state_dict(), run_dir / "model_best.safetensors")
     safetensors.torch.save_file(model.state_dict(), run_dir / "model_final.safetensors")
-    metrics = {"epoch": 3, **synthetic_evaluator(model, {})}
+    metrics = {"epoch": 160, **synthetic_evaluator(model, {})}
     run = {
         "model": MODEL,
         "model_kwargs": model_kwargs,
@@ -112,7 +113,11 @@ def make_run(run_dir: Path, **model_kwargs: Any) -> Path:
             "label_names": [f"class{i}" for i in range(10)],
             "num_test_images": 48,
         },
-        "recipe": {"epochs": 4, "lr": 0.1, "batch_size": 16},
+        # what the tag cifar10 claims: the Hub set, the full schedule of a recipe config, SVB applied
+        "recipe": {"config": "fig2_convnet20_svb", "epochs": 160, "lr": 0.1, "batch_size": 16},
+        "epochs": 160,
+        "completed_epochs": 160,
+        "svb_applied_total": 159,
         "metrics": {"best": metrics, "final": metrics},
         "pretrained_cfg": timm.data.resolve_model_data_config(model),
         "timm_svb_version": timm_svb.__version__,
@@ -209,7 +214,7 @@ def test_help_documents_dry_run() -> None:
     text = pub.build_parser().format_help()
     for option in ("--dry-run", "OUT_DIR", "--repo-id", "--tolerance", "--require-eval", "--no-record"):
         assert option in text
-    assert "--svb-override" in text and "site-packages" in text
+    assert "--svb-override" in text and "site-packages" in text and "--allow-mismatch" in text
 
 
 def test_dry_run_loads_back_identically(tiny_run: Path, tmp_path: Path) -> None:
@@ -264,7 +269,9 @@ def test_card_fields(tiny_run: Path, tmp_path: Path) -> None:
     ]
     assert results["Top-1 accuracy (%)"].metric_value == pytest.approx(100 - recorded["top1_err"], abs=1e-4)
     assert results["Top-5 accuracy (%)"].metric_value == pytest.approx(100 - recorded["top5_err"], abs=1e-4)
-    assert results["Top-1 accuracy (%)"].dataset_name == "uoft-cs/cifar10"
+    # the data as given: the local folder (shortened), not the Hub id it was given as
+    assert results["Top-1 accuracy (%)"].dataset_name == "<local>/data" and card.data.datasets is None
+    assert "trained on `<local>/data` (a local folder, given as `uoft-cs/cifar10`)" in card.content
     assert all(r.dataset_split is None for r in card.data.eval_results)
     assert "None" not in card.content and "lower is better" in card.content
     assert card.data.base_model == "timm-svb/convnet20_svb.cifar100"
@@ -335,6 +342,64 @@ def test_script_does_not_shadow_the_imported_timm_svb(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     imported, repo_on_path = proc.stdout.strip().splitlines()[-2:]
     assert imported == str(site / "timm_svb" / "__init__.py") and repo_on_path == "False"
+
+
+def test_card_states_what_the_run_did_and_recording_checks_the_tags_claim(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    """A 1-epoch run of a 160-epoch config that read a local folder and never applied SVB (the issue's
+    ``--dry-run``): not recordable as ``.cifar10``, and its card says what it did. Each claim is checked on
+    its own; ``--allow-mismatch REASON`` records it anyway, stated on the card and in the record."""
+    run = json.loads((tiny_run / "run.json").read_text())
+    local = {**run["dataset"], "data_dir": str(tmp_path / "cifar10-local")}
+    run_dir = edit_run(
+        tiny_run, tmp_path / "run", epochs=1, completed_epochs=1, svb_applied_total=0, dataset=local
+    )
+    summary = pub.publish(
+        run_dir, pub.PublishOptions(repo_id=REPO_ID, dry_run=tmp_path / "o"), evaluator=synthetic_evaluator
+    )
+    assert not summary["recordable"] and "SVB never applied" in summary["not_recordable_reason"]
+    assert summary["run"]["completed_epochs"] == 1 and summary["run"]["config_epochs"] == 160
+    card = (tmp_path / "o" / "README.md").read_text()
+    assert "trained on `<local>/cifar10-local` (a local folder, given as `uoft-cs/cifar10`)" in card
+    assert "Trained 1 epochs of the run's 1 (recipe config `fig2_convnet20_svb`: 160 epochs)" in card
+    assert "applied it **0 times**" in card and "Trained with Singular Value Bounding" not in card
+    assert "uoft-cs/cifar10 |" not in card  # the results table names the local folder
+    weights, config = (tmp_path / "o" / n for n in ("model.safetensors", "config.json"))
+    assert stat.S_IMODE(weights.stat().st_mode) == stat.S_IMODE(config.stat().st_mode)  # not 0600
+
+    facts = pub.run_facts(run, tiny_run)
+    assert pub.claim_mismatch(TAG, facts) is None  # the tiny run: the Hub set, the config's 160 epochs
+    short = {**facts, "completed_epochs": 1}
+    assert "claims the full schedule" in pub.claim_mismatch(
+        TAG, short
+    ) and "cifar10_e1" in pub.claim_mismatch(TAG, short)
+    assert pub.claim_mismatch("cifar10_e1", short) is None
+    assert "claims 30 epochs" in pub.claim_mismatch("cifar10_e30", short)
+    assert "claims the data" in pub.claim_mismatch(
+        TAG, {**facts, "data_source": "/x/c10", "local_data": True}
+    )
+    assert "no known data" in pub.claim_mismatch("mnist", facts)
+    # a local JPEG copy of CIFAR-10 on a 30-epoch schedule, tagged as such: the claim holds
+    jpeg = {"name": "CIFAR-10 (JPEG q75 copy)", "data_dir": "../shared/data/cifar10-jpeg"}
+    honest = pub.run_facts({**run, "dataset": jpeg, "epochs": 30, "completed_epochs": 30}, tiny_run)
+    assert pub.claim_mismatch("c10jpeg_e30", honest) is None
+    assert "claims the data" in pub.claim_mismatch("cifar10_e30", honest)
+    assert "claims the data" in pub.claim_mismatch("c10jpeg_e30", {**honest, "local_data": False})
+
+    short_run = edit_run(tiny_run, tmp_path / "short", epochs=1, completed_epochs=1, svb_applied_total=1)
+    api, record = HubStandIn(), empty_record(tmp_path / "published.json")
+    with pytest.raises(pub.PublishError, match="claims the full schedule.*--allow-mismatch"):
+        push(short_run, api, record=record)
+    assert api.calls == [] and read_record(record) == {}
+    reason = "a smoke test of the publishing path"
+    summary = push(short_run, api, record=record, allow_mismatch=reason)
+    entry = read_record(record)[NAME]
+    assert (
+        entry["allow_mismatch"].startswith(reason) and "claims the full schedule" in entry["allow_mismatch"]
+    )
+    card = api.files_at(REPO_ID, summary["revision"])["README.md"].decode()
+    assert "**Recorded with a stated override** (`--allow-mismatch`): " + reason in card
 
 
 def test_refuses_metrics_beyond_tolerance(tiny_run: Path, tmp_path: Path) -> None:
@@ -730,6 +795,111 @@ def test_config_files_cannot_control_loading(tmp_path: Path) -> None:
         assert timm.create_model(f"local-dir:{folder}", pretrained=True).svb_config["epsilon"] == epsilon
 
 
+def _saved_folder(folder: Path, model: nn.Module, **save_kwargs: Any) -> Path:
+    """``model`` saved with timm's ``save_for_hf`` (safetensors) into ``folder``."""
+    timm.models.save_for_hf(model, str(folder), safe_serialization=True, **save_kwargs)
+    return folder
+
+
+def _loaders(folder: Path, repo_id: str) -> dict[str, Any]:
+    """Every way to load ``folder`` with keyword arguments: ``local-dir:``, ``hf-hub:`` at a pinned commit
+    (the folder laid out in the Hub cache) and a file overlay."""
+    revision = fake_commit(repo_id)
+    place_in_hf_cache(folder_files(folder), repo_id, revision, Path(os.environ["HF_HUB_CACHE"]))
+    weights = str(folder / "model.safetensors")
+    return {
+        "local-dir": lambda **kw: timm.create_model(f"local-dir:{folder}", pretrained=True, **kw),
+        "hf-hub": lambda **kw: timm.create_model(f"hf-hub:{repo_id}@{revision}", pretrained=True, **kw),
+        "overlay": lambda **kw: timm.create_model(
+            MODEL, pretrained=True, pretrained_cfg_overlay={"file": weights}, **kw
+        ),
+    }
+
+
+def test_loading_for_another_num_classes_is_strict_but_for_the_head(tmp_path: Path) -> None:
+    """A weights file missing a conv loads on no path, also for another ``num_classes`` (where timm turns
+    strictness off): only the classifier is adapted; a complete file loads every other weight."""
+    torch.manual_seed(3)
+    model = timm.create_model(MODEL).eval()
+    damaged = _saved_folder(tmp_path / "damaged", model)
+    sd = safetensors.torch.load_file(damaged / "model.safetensors")
+    del sd["stages.0.3.conv.weight"]
+    safetensors.torch.save_file(sd, damaged / "model.safetensors")
+    for load in _loaders(damaged, "someone/damaged").values():
+        for kwargs in ({"num_classes": 5}, {}):
+            with pytest.raises(RuntimeError, match=r"missing \['stages.0.3.conv.weight'\]"):
+                load(**kwargs)
+    complete = _saved_folder(tmp_path / "complete", model)
+    ref = model.state_dict()
+    for path, load in _loaders(complete, "someone/complete").items():
+        tuned = load(num_classes=5).state_dict()
+        assert tuned["fc.weight"].shape == (5, 64), path
+        assert all(torch.equal(tuned[k], ref[k]) for k in ref if not k.startswith("fc.")), path
+    # a 100-class file through the overlay of the default (10-class) cfg keeps its trained classifier
+    wide = timm.create_model(MODEL, num_classes=100)
+    _saved_folder(tmp_path / "wide", wide)
+    loaded = _loaders(tmp_path / "wide", "someone/wide")["overlay"](num_classes=100).state_dict()
+    assert torch.equal(loaded["fc.weight"], wide.state_dict()["fc.weight"])
+
+
+def test_config_num_classes_must_agree_with_its_model_args(tmp_path: Path) -> None:
+    """A config.json whose top-level ``num_classes`` disagrees with its ``model_args`` is refused (timm would
+    drop the trained classifier); agreeing ones load the classifier."""
+    model = timm.create_model(MODEL).eval()
+    for i, top in enumerate((5, 100)):
+        folder = _saved_folder(tmp_path / f"f{i}", model, model_args={"num_classes": 10})
+        config = json.loads((folder / "config.json").read_text())
+        write_json(folder / "config.json", {**config, "num_classes": top})
+        for path, load in _loaders(folder, f"someone/classes{i}").items():
+            if path == "overlay":  # the file's config.json is not read
+                continue
+            with pytest.raises(ValueError, match=f"num_classes={top}.*num_classes=10"):
+                load()
+    folder = _saved_folder(tmp_path / "ok", model, model_args={"num_classes": 10})
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    assert torch.equal(loaded.fc.weight, model.fc.weight)
+
+
+def test_config_state_dict_cannot_replace_the_weights_file(tmp_path: Path) -> None:
+    """A config.json carrying ``pretrained_cfg.state_dict`` would make timm load that instead of
+    ``model.safetensors`` (never read, never sha-checked): refused on ``local-dir:`` and ``hf-hub:``."""
+    folder = _saved_folder(tmp_path / "f", timm.create_model(MODEL))
+    config = json.loads((folder / "config.json").read_text())
+    config["pretrained_cfg"]["state_dict"] = {"fc.bias": [0.0] * 10}
+    write_json(folder / "config.json", config)
+    for path, load in _loaders(folder, "someone/state-dict").items():
+        if path == "overlay":
+            continue
+        with pytest.raises(ValueError, match="state_dict"):
+            load()
+
+
+def test_sha256_is_checked_at_the_recorded_commit_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recorded sha256 pins the recorded commit: another commit of the recorded repo (other weights) loads
+    unchecked, and the recorded commit's file is checked (a wrong sha256 refuses it)."""
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    commits = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        folder = _saved_folder(tmp_path / f"w{seed}", timm.create_model(MODEL))
+        commits[seed] = fake_commit("sha", str(seed))
+        place_in_hf_cache(folder_files(folder), REPO_ID, commits[seed], cache)
+    recorded, other = commits[0], commits[1]
+    sha = file_sha256(tmp_path / "w0" / "model.safetensors")
+    entry = {"hf_hub_id": REPO_ID, "revision": recorded, "sha256": sha, "metrics": {}, "svb_config": None}
+    monkeypatch.setitem(pretrained_record.PUBLISHED, NAME, entry)
+    for commit, folder in ((recorded, "w0"), (other, "w1")):
+        loaded = timm.create_model(f"hf-hub:{REPO_ID}@{commit}", pretrained=True)
+        expected = safetensors.torch.load_file(tmp_path / folder / "model.safetensors")
+        assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+    monkeypatch.setitem(pretrained_record.PUBLISHED, NAME, {**entry, "sha256": "0" * 64})
+    with pytest.raises(PretrainedWeightsIntegrityError, match="0" * 64):
+        timm.create_model(f"hf-hub:{REPO_ID}@{recorded}", pretrained=True)
+    timm.create_model(f"hf-hub:{REPO_ID}@{other}", pretrained=True)
+
+
 _LOAD_SCRIPT = """
 import json, sys
 import safetensors.torch, timm, torch
@@ -831,6 +1001,7 @@ def test_readme_maintainer_steps_end_to_end(
         publish_fake(["preact_resnet20.cifar10", "convnet20.cifar100"], cache, tmp_path / "w"),
     )
     common = [str(run_dir), "--repo-id", REPO_ID, "--tag", TAG, "--require-eval"]
+    common += ["--allow-mismatch", "the digits stand in for CIFAR-10 in this test"]
     out = tmp_path / "check"
     assert pub.main([*common, "--dry-run", str(out)]) == 0  # step 4
     dry = json.loads((out / "config.json").read_text())

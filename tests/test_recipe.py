@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import io
 import json
 import logging
+import os
+import shutil
+import stat
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,6 +34,7 @@ from recipe_helpers import (
     recipe_trainer,
     run_recipe,
 )
+from torch import nn
 
 import timm_svb  # noqa: F401  (registers the zoo)
 
@@ -141,7 +149,79 @@ def test_plain_state_dict_drops_wrapper_prefixes() -> None:
     plain_state_dict = recipe_rundir.plain_state_dict
     assert plain_state_dict({"_orig_mod.module.a.w": 1, "_orig_mod.module.b": 2}) == {"a.w": 1, "b": 2}
     assert plain_state_dict({"module.a": 1}) == {"a": 1}
+    # DDP around a compiled model: the prefixes in the other order
+    assert plain_state_dict({"module._orig_mod.a.w": 1, "module._orig_mod.b": 2}) == {"a.w": 1, "b": 2}
     assert plain_state_dict({"module.a": 1, "b": 2}) == {"module.a": 1, "b": 2}  # not a wrapper's prefix
+
+
+def test_cosine_schedule_starts_at_the_peak_after_warmup() -> None:
+    """After warm-up the cosine anneals over the remaining epochs: the peak rate at the end of warm-up, the
+    midpoint half-way through the remaining epochs, and --min-lr at --epochs."""
+    schedule = {"sched": "cosine", "lr": 0.1, "min_lr": 0.001, "epochs": 25, "warmup_epochs": 5}
+    assert lr_at_epoch(5, **schedule) == pytest.approx(0.1)
+    assert lr_at_epoch(15, **schedule) == pytest.approx(0.0505)
+    assert lr_at_epoch(25, **schedule) == pytest.approx(0.001)
+    assert lr_at_epoch(2.5, **schedule) == pytest.approx(1e-4 + (0.1 - 1e-4) / 2)
+
+
+def test_run_state_keeps_the_best_ema_across_a_checkpoint() -> None:
+    """A resumed run's state (from a checkpoint) still knows the EMA's best epoch: a worse EMA epoch after the
+    resume is not its new best (model_best_ema.safetensors is not overwritten)."""
+    state = recipe_rundir.RunState()
+    errors = {1: (50.0, 40.0), 2: (45.0, 60.0)}  # epoch: (model top-1, EMA top-1)
+    for epoch, (top1, ema) in errors.items():
+        state.record(
+            {"epoch": epoch, "top1_err": top1, "top5_err": 9.0, "ema_top1_err": ema, "ema_top5_err": 9.0}
+        )
+    restored = recipe_rundir.RunState()
+    restored.load_state_dict(state.state_dict())
+    assert restored.best_ema == state.best_ema == {"epoch": 1, "top1_err": 40.0, "top5_err": 9.0}
+    new = restored.record(
+        {"epoch": 3, "top1_err": 44.0, "top5_err": 9.0, "ema_top1_err": 55.0, "ema_top5_err": 9.0}
+    )
+    assert new == ["best"] and restored.metrics()["best_ema"]["epoch"] == 1
+
+
+def test_the_ema_counts_steps_over_the_whole_run() -> None:
+    """The EMA is updated with the run's step number, not the epoch's: its decay warm-up does not restart."""
+    accelerator = recipe_trainer.make_accelerator(cpu=True)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(3)]
+    steps: list[int] = []
+    ema = SimpleNamespace(update=lambda step: steps.append(step))
+    recipe_engine.train_one_epoch(model, loader, optimizer, accelerator, epoch=2, ema=ema, progress=False)
+    assert steps == [7, 8, 9]
+
+
+def test_the_emas_svb_leaves_excluded_and_frozen_layers_alone() -> None:
+    """The EMA copy is bounded on the model SVB's layer selection: without --svb-exclude's layers and the
+    frozen ones (bounding them would change weights that training does not)."""
+    model = timm.create_model("convnet20_svb", num_classes=4)
+    for p in model.stem.parameters():
+        p.requires_grad_(False)
+    args = SimpleNamespace(model_ema_decay=0.9, model_ema_warmup=False, svb_exclude=["fc"])
+    svb = recipe_engine.RecordingSVB(model, 0.5, 1.0, exclude=recipe_trainer._svb_exclude(args, model))
+    ema = recipe_trainer._make_ema(args, model, svb)
+    names = [layer.name for layer in ema.svb.layers]
+    assert names == [layer.name for layer in svb.layers]
+    assert "fc" not in names and not any(n.startswith("stem") for n in names)
+
+
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+def test_mixup_mode_is_used(mode: str) -> None:
+    args = SimpleNamespace(
+        mixup=0.8,
+        cutmix=1.0,
+        mixup_prob=1.0,
+        mixup_switch_prob=0.5,
+        mixup_mode=mode,
+        smoothing=0.1,
+        batch_size=8,
+    )
+    accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
+    mixup_fn, _ = recipe_trainer._mixup_and_loss(args, accelerator, 4)
+    assert mixup_fn.mode == mode
 
 
 def test_svb_every_parsing() -> None:
@@ -366,6 +446,87 @@ def test_imagefolder_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert (len(data.train), len(data.test), data.test_split) == (4, 4, "test")
 
 
+def _image_tree(root: Path, classes: dict[str, str]) -> Path:
+    """An imagefolder tree ``root/SPLIT/<class>/<i>.png``: two images per class, each class its colour."""
+    from PIL import Image
+
+    for split, names in classes.items():
+        for name in names:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (ord(name), 40 * i, 0)).save(folder / f"{i}.png")
+    return root
+
+
+def test_imagefolder_labels_mean_the_training_splits_classes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train/{a,b,c}``, ``test/{a,c}``: test's ``c`` images get ``c``'s label (2), not the second label of
+    their own split; a class the training split lacks is refused, naming the split and the class."""
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    data = load_image_dataset("x", _image_tree(tmp_path / "fewer", {"train": "abc", "test": "ac"}))
+    assert data.label_names == ["a", "b", "c"]
+    colours = [np.asarray(image)[0, 0, 0] for image in data.test["image"]]
+    assert [data.label_names[label] for label in data.test["label"]] == [chr(c) for c in colours]
+    assert sorted(data.test["label"]) == [0, 0, 2, 2]
+    test_only = load_image_dataset("x", tmp_path / "fewer", need_train=False)  # as the publisher reloads it
+    assert sorted(test_only.test["label"]) == [0, 0, 2, 2] and test_only.label_names == ["a", "b", "c"]
+    with pytest.raises(DataError, match=r"split 'test' .* \['d'\] .* 'train' lacks"):
+        load_image_dataset("x", _image_tree(tmp_path / "more", {"train": "abc", "test": "abd"}))
+
+
+def test_labels_outside_the_classes_are_refused_before_training(tmp_path: Path) -> None:
+    """A ClassLabel -1 or an integer 5 of 3 classes would fail mid-epoch (IndexError, a device-side assert on
+    a GPU): refused on loading, naming the split, the label and the fix; so are splits whose ClassLabel
+    names differ."""
+    import datasets
+
+    def saved(name: str, labels: dict[str, list[int]], features: dict[str, Any]) -> Path:
+        splits = {
+            split: datasets.Dataset.from_dict(
+                {"image": [np.zeros((4, 4, 3), np.uint8)] * len(values), "label": values},
+                features=datasets.Features({"image": datasets.Image(), "label": features[split]}),
+            )
+            for split, values in labels.items()
+        }
+        datasets.DatasetDict(splits).save_to_disk(str(tmp_path / name))
+        return tmp_path / name
+
+    three = datasets.ClassLabel(names=["a", "b", "c"])
+    folder = saved("minus_one", {"train": [0, 1, -1, 2], "test": [0, 1]}, {"train": three, "test": three})
+    with pytest.raises(DataError, match=r"split 'train' .* label\(s\) \[-1\] .* \[0, 3\).*filter"):
+        load_image_dataset("x", folder)
+    ints = datasets.Value("int64")
+    folder = saved("five", {"train": [0, 1, 2, 0], "test": [0, 5]}, {"train": ints, "test": ints})
+    with pytest.raises(DataError, match=r"split 'test' .* label\(s\) \[5\] .* \[0, 3\)"):
+        load_image_dataset("x", folder)
+    other = datasets.ClassLabel(names=["a", "c", "b"])
+    folder = saved("renamed", {"train": [0, 1, 2], "test": [0, 1]}, {"train": three, "test": other})
+    with pytest.raises(DataError, match="split 'test' .* names its classes"):
+        load_image_dataset("x", folder)
+
+
+def test_damaged_save_to_disk_folder_raises_a_data_error(tmp_path: Path) -> None:
+    """An empty split (saved without a shard) or a truncated .arrow shard: the documented DataError naming
+    the folder, not the libraries' IndexError / OSError."""
+    import datasets
+
+    ok = make_data(tmp_path / "ok", num_train=8, num_test=4)
+    dsd = datasets.load_from_disk(str(ok))
+    datasets.DatasetDict({"train": dsd["train"], "test": dsd["test"].select([])}).save_to_disk(
+        str(tmp_path / "empty")
+    )
+    shutil.copytree(ok, tmp_path / "truncated")
+    (shard,) = (tmp_path / "truncated" / "train").glob("*.arrow")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    for name in ("empty", "truncated"):
+        with pytest.raises(DataError, match=f"{tmp_path / name} is a damaged save_to_disk folder"):
+            load_image_dataset("x", tmp_path / name)
+
+
 # ------------------------------------------------------------------------------------------- training
 
 
@@ -461,6 +622,141 @@ def test_resume_gives_the_same_weights(tmp_path: Path, cifar_like: Path) -> None
     assert [{k: v for k, v in r.items() if k not in TIMING} for r in rows_a] == [
         {k: v for k, v in r.items() if k not in TIMING} for r in rows_b
     ]
+
+
+def test_resume_after_a_rewind_follows_the_branch_resumed(
+    tmp_path: Path, cifar_like: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Train 3 epochs, resume from epoch 1 with another rate for one epoch, then ``--resume``: it continues
+    the rewound branch (from its epoch 2), not the abandoned epoch 3; pruning keeps the checkpoint resumed
+    from; what the abandoned branch did is moved aside; ``args.yaml`` is written atomically."""
+    args = (
+        "--model convnet20_svb --epochs 3 --batch-size 8 --lr 0.05 --seed 7 --svb-every 3 --svb-skip-last 0"
+    )
+    common = [*args.split(), "--data-dir", str(cifar_like)]
+    out = tmp_path / "run"
+    run_recipe([*common, "--output", str(out)])
+    written: list[str] = []
+    real = recipe_rundir.atomic_write_text
+    monkeypatch.setattr(
+        recipe_trainer,
+        "atomic_write_text",
+        lambda path, text: written.append(Path(path).name) or real(path, text),
+        raising=False,
+    )
+    rewind = ["--resume", str(out / "checkpoints" / "epoch_0001"), "--lr", "0.01", "--stop-after", "1"]
+    rewound = run_recipe([*common, *rewind])
+    assert rewound.start_epoch == 1 and not rewound.finished
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001", "epoch_0002"]
+    assert not (out / "model_final.safetensors").exists()
+    moved = out / "abandoned" / "after_epoch_0001"
+    assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == ["epoch_0002", "epoch_0003"]
+    assert (moved / "model_final.safetensors").is_file()
+    resumed = run_recipe([*common, "--lr", "0.01", "--output", str(out), "--resume"])
+    assert resumed.start_epoch == 2 and resumed.finished
+    assert resumed.run["resumes"][-1]["checkpoint"] == "epoch_0002"
+    final = load_weights(out / "model_final.safetensors")
+    assert all(torch.equal(final[k], v) for k, v in resumed.model.state_dict().items())
+    assert [int(r["epoch"]) for r in read_summary(out)] == [1, 2, 3]
+    assert "args.yaml" in written
+
+
+class _SavingAccelerator:
+    """What ``save_checkpoint`` uses of an Accelerator, one process: ``save_state`` writes three files."""
+
+    is_main_process = True
+
+    def __init__(self) -> None:
+        self.tag = "old"
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, path: str, safe_serialization: bool = True) -> None:
+        Path(path).mkdir(parents=True)
+        for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):
+            (Path(path) / name).write_text(self.tag)
+
+
+def test_overwriting_a_checkpoint_never_leaves_half_of_one_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill while a checkpoint folder of the same epoch is replaced leaves a whole one listed (the old or
+    the new), never a partly deleted folder."""
+    accelerator = _SavingAccelerator()
+    recipe_rundir.save_checkpoint(accelerator, tmp_path, 2, keep=3)
+    accelerator.tag = "new"
+    real_rmtree, real_replace = shutil.rmtree, recipe_rundir.os.replace
+
+    def killed_while_deleting(path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name == "epoch_0002":  # deleting the listed folder in place: killed half-way
+            next(Path(path).iterdir()).unlink()
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    def complete() -> dict[str, str]:
+        listed = recipe_rundir.list_checkpoints(tmp_path)
+        assert all(len(list(folder.iterdir())) == 3 for _, folder in listed), listed
+        return {folder.name: (folder / "model.safetensors").read_text() for _, folder in listed}
+
+    monkeypatch.setattr(recipe_rundir.shutil, "rmtree", killed_while_deleting)
+    with contextlib.suppress(KeyboardInterrupt):
+        recipe_rundir.save_checkpoint(accelerator, tmp_path, 2, keep=3)
+    assert complete() == {"epoch_0002": "new"}
+    monkeypatch.setattr(recipe_rundir.shutil, "rmtree", real_rmtree)
+
+    def killed_between_renames(src: Any, dst: Any) -> None:
+        if Path(src).name.startswith(".tmp-"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(recipe_rundir.os, "replace", killed_between_renames)
+    accelerator.tag = "newer"
+    with contextlib.suppress(KeyboardInterrupt):
+        recipe_rundir.save_checkpoint(accelerator, tmp_path, 2, keep=3)
+    assert complete() == {}  # the old one is aside, whole ...
+    monkeypatch.setattr(recipe_rundir.os, "replace", real_replace)
+    recipe_rundir.save_checkpoint(accelerator, tmp_path, 3, keep=3)
+    assert complete() == {"epoch_0002": "new", "epoch_0003": "newer"}  # ... and back on the next save
+
+
+@pytest.fixture(scope="module")
+def one_epoch_svb_run(tmp_path_factory: pytest.TempPathFactory, cifar_like: Path) -> dict[str, Any]:
+    """A 1-epoch run of an SVB model with the default SVB schedule (once an epoch, not in the final one),
+    under umask 022; its log."""
+    out = tmp_path_factory.mktemp("one_epoch") / "run"
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("recipes.train")
+    logger.addHandler(handler)
+    mask = os.umask(0o022)
+    try:
+        args = "--model convnet20_svb --epochs 1 --batch-size 8 --lr 0.05"
+        result = run_recipe([*args.split(), "--data-dir", str(cifar_like), "--output", str(out)])
+    finally:
+        os.umask(mask)
+        logger.removeHandler(handler)
+    return {"out": out, "result": result, "log": stream.getvalue()}
+
+
+def test_a_schedule_that_never_applies_svb_says_so_and_why(one_epoch_svb_run: dict[str, Any]) -> None:
+    """--epochs 1 with the default schedule applies SVB 0 times: warned, naming every option that caused it,
+    and recorded (``svb_applied_total`` 0) for the publisher."""
+    log, out = one_epoch_svb_run["log"], one_epoch_svb_run["out"]
+    assert one_epoch_svb_run["result"].svb.num_applied == 0
+    (warning,) = [line for line in log.splitlines() if "applies it 0 times" in line]
+    assert "plain SGD" in warning
+    for option in ("--epochs 1", "--svb-every", "--svb-skip-final-epoch"):
+        assert option in warning, option
+    assert json.loads((out / "run.json").read_text())["svb_applied_total"] == 0
+
+
+def test_weights_files_have_the_mode_of_every_other_file(one_epoch_svb_run: dict[str, Any]) -> None:
+    """model_*.safetensors are readable as the run's other files (safetensors alone writes 0600)."""
+    out = one_epoch_svb_run["out"]
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}
+    assert {"model_best.safetensors", "model_final.safetensors", "run.json"} <= modes.keys()
+    assert set(modes.values()) == {0o644}, modes
 
 
 def test_data_set_name_is_recorded_for_the_digits(tmp_path: Path) -> None:

@@ -668,3 +668,42 @@ def test_two_process_one_rank_failing_raises_on_every_rank(two_process_run):
 def test_two_process_fsdp2_is_refused_naming_ddp(two_process_run):
     for result in two_process_run:
         assert result["fsdp2"] is not None and "DistributedDataParallel" in result["fsdp2"]
+
+
+def test_bbn_bounds_sync_batchnorm_layers_as_batchnorm():
+    """A model converted for ``--sync-bn`` (``nn.SyncBatchNorm``) gets the BBN of its BatchNorm2d form."""
+    plain, synced = small_net(), nn.SyncBatchNorm.convert_sync_batchnorm(small_net())
+    kinds = {type(m) for m in synced.modules()}
+    assert nn.SyncBatchNorm in kinds and nn.BatchNorm2d not in kinds
+    expected, got = SVB(plain, bbn_epsilon=0.2).apply(), SVB(synced, bbn_epsilon=0.2).apply()
+    assert got.bn_layers == expected.bn_layers == 2 and got.bn_clipped == expected.bn_clipped > 0
+    for a, b in zip(plain.state_dict().values(), synced.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def _subgroup_worker(rank: int, store: str, out: str) -> None:
+    """Rank of a 3-process gloo world; ranks 1 and 2 bound a net over the subgroup {1, 2} (group ranks 0 and
+    1, global ranks 1 and 2) and save the result."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=3)
+    group = dist.new_group([1, 2])  # every rank takes part in creating it
+    if rank in (1, 2):
+        net = small_net()
+        SVB(net, epsilon=0.5, bbn_epsilon=1.0, process_group=group).apply()
+        torch.save(net.state_dict(), f"{out}/rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_subgroup_with_ranks_not_from_zero_broadcasts_from_each_layers_owner(tmp_path):
+    """Over a process group of global ranks 1 and 2, each layer's bounded weights come from the rank that
+    bounded it: both ranks end with what one process computes."""
+    torch.multiprocessing.spawn(
+        _subgroup_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=3, join=True
+    )
+    expected = small_net()
+    SVB(expected, epsilon=0.5, bbn_epsilon=1.0).apply()
+    for rank in (1, 2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for name, value in expected.state_dict().items():
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")

@@ -104,6 +104,17 @@ def _check_config_args(model_cls: Callable[..., nn.Module], variant: str, kwargs
             )
 
 
+def _check_config_classes(variant: str, cfg: dict[str, Any], kwargs: dict[str, Any]) -> None:
+    """Refuse a ``config.json`` whose top-level ``num_classes`` (the weights' classes, for timm) disagrees
+    with its ``model_args``: one of the two is wrong, and timm would drop the trained classifier."""
+    config_classes = (kwargs.get("pretrained_model_args") or {}).get("num_classes")
+    if config_classes is not None and config_classes != cfg.get("num_classes"):
+        raise ValueError(
+            f"config.json of {variant} says num_classes={cfg.get('num_classes')!r} but its model_args say "
+            f"num_classes={config_classes!r}: fix the file so that both give the classes of its weights"
+        )
+
+
 class SafetensorsPretrainedMixin:
     """``load_pretrained(checkpoint_path)``: timm's ``custom_load`` hook, so that every pretrained load of
     the model (``create_model``, ``hf-hub:``, ``local-dir:``, ``timm.models.load_pretrained(model)``) reads
@@ -111,8 +122,27 @@ class SafetensorsPretrainedMixin:
     then adapts it as timm does (new classifier for other ``num_classes``, input conv for ``in_chans``)."""
 
     def load_pretrained(self, checkpoint_path: str) -> None:
-        """Load the weights file ``checkpoint_path`` (called by timm for ``custom_load`` cfgs)."""
-        cfg = {**self.pretrained_cfg, "state_dict": load_weights(checkpoint_path), "source": None}
+        """Load the weights file ``checkpoint_path`` (called by timm for ``custom_load`` cfgs), strictly: only
+        the classifier may be left out, and only when the file's has another number of outputs than the
+        model's (timm turns strictness off whenever it adapts the head; this checks the rest first)."""
+        state = load_weights(checkpoint_path)
+        classifiers = self.pretrained_cfg.get("classifier") or ()
+        classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+        head = [f"{c}.{p}" for c in classifiers for p in ("weight", "bias")]
+        # the file's own classifier says how many classes it has, not the cfg (which a config.json may get
+        # wrong): timm adapts the head exactly when this differs from the model's
+        rows = next((state[k].shape[0] for k in head if k in state), 0)
+        adapted = set(head) if rows != self.num_classes else set()
+        own = set(self.state_dict())
+        missing, unexpected = sorted(own - set(state) - adapted), sorted(set(state) - own - adapted)
+        if missing or unexpected:
+            raise RuntimeError(
+                f"pretrained weights {checkpoint_path} do not fit {type(self).__name__}: missing "
+                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                f"{' ...' if len(unexpected) > 5 else ''} (only the classifier is adapted, for another "
+                "num_classes). Nothing was loaded: use the weights saved for this architecture and kwargs"
+            )
+        cfg = {**self.pretrained_cfg, "state_dict": state, "source": None, "num_classes": rows}
         load_pretrained(self, cfg, num_classes=self.num_classes, in_chans=self.in_chans)
 
 
@@ -147,6 +177,7 @@ def build_svb_model(
         variant, kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None)
     )
     cfg = route_weights(cfg.to_dict())
+    _check_config_classes(variant, cfg, kwargs)
     if pretrained and not any(cfg.get(k) for k in ("state_dict", "file", "url", "hf_hub_id")):
         raise PretrainedWeightsNotPublishedError(f"{variant}.{cfg['tag']}" if cfg.get("tag") else variant)
     model = build_model_with_cfg(

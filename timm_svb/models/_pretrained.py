@@ -30,10 +30,11 @@ RECORD_ENV = "TIMM_SVB_PUBLISHED_RECORD"
 _NAME = re.compile(r"[a-z0-9_]+\.[a-z0-9_]+")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-# Keys every record entry carries; "svb_override" (why an _svb name holds weights trained without SVB, stated
-# on the model card) is the only optional one.
+# Keys every record entry carries; the optional ones are overrides stated on the model card: "svb_override"
+# (why an _svb name holds weights trained without SVB), "allow_mismatch" (why the weights are recorded under a
+# tag whose data or schedule the run does not meet).
 _RECORD_KEYS = ("hf_hub_id", "revision", "sha256", "metrics", "svb_config")
-_OPTIONAL_KEYS = ("svb_override",)
+_OPTIONAL_KEYS = ("svb_override", "allow_mismatch")
 
 
 class RecordError(ValueError):
@@ -64,6 +65,9 @@ def check_entry(name: str, entry: Mapping[str, Any]) -> None:
         raise RecordError(f"{where}: sha256 must be 64 hex digits, got {entry['sha256']!r}")
     if not isinstance(entry["metrics"], Mapping):
         raise RecordError(f"{where}: metrics must be a JSON object")
+    allowed = entry.get("allow_mismatch")
+    if allowed is not None and not (isinstance(allowed, str) and allowed.strip()):
+        raise RecordError(f"{where}: allow_mismatch must state why, got {allowed!r}")
     svb, override = entry["svb_config"], entry.get("svb_override")
     if svb is not None and not isinstance(svb, Mapping):
         raise RecordError(f"{where}: svb_config must be a JSON object or null")
@@ -200,9 +204,16 @@ def route_weights(cfg: Mapping[str, Any]) -> dict[str, Any]:
     timm calls ``model.load_pretrained(file)`` for a ``custom_load`` cfg: with ``custom_load='hf'`` for
     Hub sources (downloading ``hf_hub_filename``, here always ``model.safetensors``, never the
     ``pytorch_model.bin`` timm would try first), and for files and URLs. A ``local-dir:`` folder becomes its
-    ``model.safetensors`` file, where timm would fall back to a pickle in the folder.
+    ``model.safetensors`` file, where timm would fall back to a pickle in the folder. A ``config.json``
+    (``local-dir:``, ``hf-hub:``) that carries a ``state_dict`` is refused (``ValueError``).
     """
     cfg = dict(cfg)
+    if cfg.get("source") in ("local-dir", "hf-hub") and cfg.get("state_dict") is not None:
+        # timm would load this dict instead of the folder's weights file: never read, never sha-checked
+        raise ValueError(
+            f"config.json of {cfg.get('architecture')} sets pretrained_cfg.state_dict: the weights come from "
+            f"{WEIGHTS_FILENAME} only; remove state_dict from the file"
+        )
     if cfg.get("source") == "local-dir":
         cfg.update(source=None, file=str(Path(cfg["file"]) / WEIGHTS_FILENAME))
     if cfg.get("hf_hub_id"):
