@@ -95,7 +95,7 @@ MUTANTS: tuple[Mutant, ...] = (
         tests=("tests/test_svb.py::test_fallback_layers_are_bounded_written_and_reported",),
         patch="""
             import torch
-            from timm_svb import functional as f
+            from timm_svb import _solver as f
             f._svd_clip = lambda a, lo, hi: (a.double(), torch.linalg.svdvals(a.double()).flip(-1))
         """,
     ),
@@ -110,7 +110,7 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
             patch=f"""
                 import torch
-                from timm_svb import functional as f
+                from timm_svb import _solver as f
                 routes = f._ROUTES[torch.float32]
                 assert any(limit == 10.0 for _, _, limit in routes), "no route with limit 10 any more"
                 f._ROUTES[torch.float32] = tuple((g, e, {limit} if c == 10.0 else c) for g, e, c in routes)
@@ -137,7 +137,7 @@ MUTANTS: tuple[Mutant, ...] = (
             "tests/test_svb_certificate.py::test_never_certifies_a_matrix_a_float64_svd_puts_outside_the_band",
         ),
         patch="""
-            from timm_svb import functional as f
+            from timm_svb import _solver as f
             f._certificate_margin = lambda trace, *args: trace * 0
         """,
     ),
@@ -147,8 +147,9 @@ MUTANTS: tuple[Mutant, ...] = (
         tests=("tests/test_functional.py::test_engine_math_is_ieee_float32_under_every_precision_setting",),
         patch="""
             import contextlib
-            from timm_svb import functional as f
-            f._full_precision = contextlib.nullcontext
+            from timm_svb import functional, svb
+            # each module that calls it holds its own binding (from ._solver import _full_precision)
+            functional._full_precision = svb._full_precision = contextlib.nullcontext
         """,
     ),
     Mutant(

@@ -127,3 +127,61 @@ def test_command_line(two_runs: tuple[Path, Path], tmp_path: Path, capsys: pytes
     same = curves.plot_curves([sgd, sgd], tmp_path / "same.png")
     assert same.is_file()
     assert 'timm-svb-curves = "timm_svb.curves:main"' in (REPO / "pyproject.toml").read_text()
+
+
+def rendered(fig) -> np.ndarray:
+    """The figure's pixels (RGBA rows, top row first), drawn as savefig would."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())
+
+
+def pixels_of(image: np.ndarray, box, color: str) -> int:
+    """How many pixels within ``box`` (display coordinates, origin bottom left) are ``color``."""
+    from matplotlib.colors import to_rgba_array  # noqa: PLC0415
+
+    target = (to_rgba_array(color)[0, :3] * 255).round()
+    height = image.shape[0]
+    area = image[height - int(box.y1) : height - int(box.y0), int(box.x0) : int(box.x1), :3]
+    return int((np.abs(area.astype(int) - target).max(-1) <= 8).sum())
+
+
+def test_a_one_epoch_run_is_drawn(tmp_path: Path) -> None:
+    """A single point has no line to draw: it gets a dot, on both panels, and the epoch axis ticks at 1
+    (not at fractions of an epoch)."""
+    one = write_run(tmp_path / "one", [{"epoch": 1, "train_loss": "2.1", "top1_err": "80"}], {"model": "m"})
+    fig = curves.curves_figure([curves.read_run(one)])
+    image = rendered(fig)
+    for ax in fig.axes:
+        assert pixels_of(image, ax.get_window_extent(), curves.MODEL_COLORS[0]) > 10
+        assert list(ax.get_xticks()) == [1]
+    # a value between missing ones is marked too; values with a neighbour are left to the line
+    assert curves._isolated([math.nan, 1.0, math.nan, 2.0, 3.0]) == [1]
+
+
+def test_the_legend_of_three_runs_stays_inside_the_figure(
+    two_runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Three runs with long labels (config, model, SVB settings, and their EMA): the legend is under the
+    panels, within the figure's width, and the panels keep the height they have with one run."""
+    sgd, svb = two_runs
+    third = write_run(
+        tmp_path / "c",
+        [{"epoch": e, "train_loss": "1", "top1_err": "9", "ema_top1_err": "8"} for e in range(1, 7)],
+        {
+            "model": "preact_resnet20_svb",
+            "svb_config": {"epsilon": 0.5, "bbn_epsilon": 0.2},
+            "args": {"config": "recipes/configs/table1_preact_resnet20_svb_bbn_cifar10.yaml"},
+        },
+    )
+    runs = [curves.read_run(d) for d in (sgd, svb, third)]
+    fig = curves.curves_figure(runs)
+    rendered(fig)
+    legend = fig.legends[0].get_window_extent()
+    assert 0 <= legend.x0 and legend.x1 <= fig.bbox.width and 0 <= legend.y0
+    assert all(legend.y1 <= ax.get_window_extent().y0 for ax in fig.axes)
+    alone = curves.curves_figure(runs[:1])
+    rendered(alone)
+    assert fig.axes[0].get_window_extent().height >= 0.9 * alone.axes[0].get_window_extent().height

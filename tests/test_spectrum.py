@@ -4,7 +4,9 @@ import contextlib
 import csv
 import io
 import math
+import os
 import runpy
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -17,7 +19,7 @@ import torch
 from timm.models import save_for_hf
 from torch import nn
 
-import timm_svb  # noqa: F401  (registers the models)
+import timm_svb  # registers the models
 from timm_svb.spectrum import (
     CSV_COLUMNS,
     SpectrumInputError,
@@ -27,12 +29,14 @@ from timm_svb.spectrum import (
     load_model,
     main,
     model_spectrum,
+    plot_spectra,
     spectra_figure,
     spectrum_by_depth,
     spectrum_summary,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
 # a model without published weights, whatever the record holds (tests never download)
 UNPUBLISHED = next(
     n for n in timm.list_models("preact_resnet*") if not timm.get_pretrained_cfg(n).has_weights
@@ -285,6 +289,35 @@ def _substitute(arg: str, places: dict[str, str]) -> str:
     return arg
 
 
+@pytest.mark.slow  # a fresh interpreter each, importing torch and timm
+@pytest.mark.parametrize("module", ["timm_svb.spectrum", "timm_svb.curves"])
+def test_python_dash_m_prints_no_runtime_warning(module):
+    """`python -m timm_svb.spectrum` warned that the package had imported the module before runpy ran it
+    as __main__; the package imports it on first use now, and `import timm_svb` alone leaves it out."""
+    done = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--help"],
+        cwd=REPO,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        },
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr and done.stdout.startswith("usage: timm-svb-")
+
+
+def test_the_package_names_the_spectrum_functions_on_first_use():
+    assert timm_svb.model_spectrum is model_spectrum and timm_svb.plot_spectra is plot_spectra
+    assert {"model_spectrum", "plot_spectra"} <= set(dir(timm_svb)) and set(timm_svb.__all__) <= set(
+        dir(timm_svb)
+    )
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        timm_svb.no_such_name  # noqa: B018
+
+
 def test_load_model_raises_spectrum_input_error():
     with pytest.raises(SpectrumInputError, match="unknown model"):
         load_model("definitely_not_a_model")
@@ -294,7 +327,8 @@ def test_module_entry_point_help(monkeypatch, capsys):
     # `python -m timm_svb.spectrum --help`, run in process (a subprocess spends its time importing torch)
     monkeypatch.setattr(sys, "argv", ["timm_svb.spectrum", "--help"])
     with pytest.raises(SystemExit) as exit_info, warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # runpy: the module is already imported
+        # runpy: this test module has imported it already (a fresh interpreter does not: the test below)
+        warnings.simplefilter("ignore", RuntimeWarning)
         runpy.run_module("timm_svb.spectrum", run_name="__main__")
     assert exit_info.value.code == 0
     out = capsys.readouterr().out

@@ -22,7 +22,7 @@ from test_functional import (
 )
 from torch import nn
 
-import timm_svb.functional as functional
+import timm_svb._solver as solver
 from timm_svb import SVB
 from timm_svb.functional import band, band_slack, certify_in_band, clip_singular_values
 
@@ -171,13 +171,13 @@ def test_gram_rounding_error_is_within_the_bound_the_margin_uses(batched, monkey
     """_gram's entrywise error (float32) stays within gamma_d |X||X|^T, the bound the certificate's margin
     is built on, on the CPU path and on the GPU path run on the CPU. The reference is the float64 Gram of
     the same float32 data (exact products, sums to ~1e-16)."""
-    monkeypatch.setattr(functional, "_batched_gram", lambda device: batched)
+    monkeypatch.setattr(solver, "_batched_gram", lambda device: batched)
     torch.manual_seed(35)
     parts = [torch.randn(2, 40, 1000), torch.randn(1, 40, 1000) * 3, torch.randn(1, 1000, 40).mT]
-    gram, depth = functional._gram(parts)
+    gram, depth = solver._gram(parts)
     assert depth == 250 + 4 + 1  # 1000 columns in 4 chunks of 250
     x = torch.cat(parts).double()
-    bound = functional._gamma(depth, 2.0**-24) * (x.abs() @ x.abs().mT)
+    bound = solver._gamma(depth, 2.0**-24) * (x.abs() @ x.abs().mT)
     err = (gram.double() - x @ x.mT).abs()
     lower = torch.ones(40, 40, dtype=torch.bool).tril()
     assert (err[:, lower] <= bound[:, lower]).all()
@@ -192,7 +192,7 @@ def test_gpu_gram_path_gives_the_same_decisions(monkeypatch):
         )
     ).float()
     cpu = clip_singular_values(mats, 0.5)
-    monkeypatch.setattr(functional, "_batched_gram", lambda device: True)
+    monkeypatch.setattr(solver, "_batched_gram", lambda device: True)
     gpu = clip_singular_values(mats, 0.5)
     assert cpu.certified.tolist() == gpu.certified.tolist() == [True, False, False]
     assert torch.allclose(cpu.matrices, gpu.matrices, rtol=0, atol=1e-6)
@@ -279,8 +279,8 @@ def counted_host_syncs() -> Iterator[Counter]:
     (nonzero, boolean-mask indexing). On the CPU they cost nothing, but each would stall a GPU; so the
     engine runs its GPU path here (the certificate's CPU-only read of which matrices to factorise is off)."""
     counts: Counter = Counter()
-    real_skips = functional._skips_hopeless
-    functional._skips_hopeless = lambda device: False
+    real_skips = solver._skips_hopeless
+    solver._skips_hopeless = lambda device: False
     originals = {name: getattr(torch.Tensor, name) for name in [*SYNCING, "__getitem__"]}
 
     def counting(name, real):
@@ -307,7 +307,7 @@ def counted_host_syncs() -> Iterator[Counter]:
         for name, real in originals.items():
             setattr(torch.Tensor, name, real)
         torch.nonzero = real_nonzero
-        functional._skips_hopeless = real_skips
+        solver._skips_hopeless = real_skips
 
 
 def stack_net(layers_out_of_band: int, layers_in_band: int, seed: int = 40) -> nn.Sequential:
@@ -383,11 +383,11 @@ def test_cpu_factorises_only_what_can_be_certified_and_decides_as_the_gpu_path(m
     real = torch.linalg.cholesky_ex
     monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda m: factorised.append(len(m) // 2) or real(m))
     on_cpu = certify_in_band(stack, 0.5)
-    monkeypatch.setattr(functional, "_skips_hopeless", lambda device: False)
+    monkeypatch.setattr(solver, "_skips_hopeless", lambda device: False)
     every = certify_in_band(stack, 0.5)
     assert torch.equal(on_cpu, every)
     assert on_cpu.tolist() == [True] * 3 + [False] * 2 + [True] + [False] * 4
     assert factorised[-1] == len(stack)  # the GPU path factorised all 10
     assert factorised[0] <= 6  # the CPU path skipped the He matrices and what else it could see
-    hopeless = functional._beyond_an_edge(functional._gram([functional._oriented(stack)])[0], LO**2, HI**2)
+    hopeless = solver._beyond_an_edge(solver._gram([solver._oriented(stack)])[0], LO**2, HI**2)
     assert not hopeless[[0, 1, 2, 5]].any() and hopeless[6:].all()  # never in-band matrices; He init always

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .spectrum import MODEL_COLORS, _figure_class, _plot_formats, _unique_labels
+from .spectrum import MODEL_COLORS, _figure_class, _legend_below, _plot_formats, _unique_labels
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -90,35 +90,56 @@ def read_run(run_dir: str | Path, label: str | None = None) -> RunCurves:
     )
 
 
+def _isolated(values: Sequence[float]) -> list[int]:
+    """Indices of the finite values with no finite neighbour, where a line alone draws nothing (a 1-epoch
+    run, or an epoch between missing values)."""
+    finite = [math.isfinite(v) for v in values]
+    return [
+        i
+        for i, ok in enumerate(finite)
+        if ok and not (i > 0 and finite[i - 1]) and not (i + 1 < len(finite) and finite[i + 1])
+    ]
+
+
+def _line(ax: Any, epochs: list[int], values: list[float], **style: Any) -> None:
+    """A run's series as a line, with a dot on each point the line alone would not show."""
+    alone = _isolated(values)
+    ax.plot(epochs, values, linewidth=1.6, **style, **({"marker": "o", "markevery": alone} if alone else {}))
+
+
 def curves_figure(runs: Sequence[RunCurves], title: str | None = None) -> Figure:
     """Two panels, training loss and top-1 test error (percent) against epochs, one colour per run; the EMA's
-    test error dashed; triangles mark the epochs in which SVB bounded. Returns a matplotlib ``Figure`` not
-    registered with pyplot (save it with ``fig.savefig``)."""
+    test error dashed; triangles mark the epochs in which SVB bounded; a dot marks a point without a
+    neighbour (a 1-epoch run). The legend, under the panels, takes as many columns as fit. Returns a
+    matplotlib ``Figure`` not registered with pyplot (save it with ``fig.savefig``)."""
     if not runs:
         raise ValueError("no runs to plot")
     Figure = _figure_class()
-    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415  (matplotlib is there: _figure_class checked)
+    from matplotlib.ticker import FixedLocator, MaxNLocator  # noqa: PLC0415  (matplotlib is there: _figure_class checked)
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     loss_ax, err_ax = fig.subplots(1, 2)
     for i, run in enumerate(runs):
         color = MODEL_COLORS[i % len(MODEL_COLORS)]
         for ax, values in ((loss_ax, run.train_loss), (err_ax, run.top1_err)):
-            ax.plot(run.epochs, values, color=color, linewidth=1.6, label=run.label)
+            _line(ax, run.epochs, values, color=color, label=run.label)
             marked = [v for e, v in zip(run.epochs, values, strict=True) if e in run.svb_epochs]
             ax.plot(run.svb_epochs, marked, linestyle="none", marker="v", markersize=5, color=color)
         if run.ema_top1_err is not None:
-            err_ax.plot(run.epochs, run.ema_top1_err, color=color, linestyle="--", label=f"{run.label}, EMA")
+            _line(
+                err_ax, run.epochs, run.ema_top1_err, color=color, linestyle="--", label=f"{run.label}, EMA"
+            )
     if any(run.svb_epochs for run in runs):
         err_ax.plot([], [], linestyle="none", marker="v", color="0.3", label="SVB applied in the epoch")
     loss_ax.set_title("training loss")
     err_ax.set_title("top-1 test error (%)")
+    epochs = sorted({e for run in runs for e in run.epochs})
     for ax in (loss_ax, err_ax):
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # one epoch in all: the integer locator finds too few integers in the view and ticks at fractions
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True) if len(epochs) > 1 else FixedLocator(epochs))
         ax.grid(alpha=0.3)
-    handles, names = err_ax.get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 3), frameon=False)
+    _legend_below(fig, *err_ax.get_legend_handles_labels(), max_cols=3)
     fig.suptitle(title or "Training curves")
     return fig
 

@@ -31,7 +31,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -342,8 +342,7 @@ def spectra_figure(
         else:
             ax.set_ylim(0, None)
     axes[0].set_ylabel("fraction of singular values" + (" (log scale)" if log_y else ""))
-    handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncols=min(len(names), 4), frameon=False)
+    _legend_below(fig, *axes[0].get_legend_handles_labels(), max_cols=4)
     fig.suptitle(title or "Normalised singular-value histograms")
     return fig
 
@@ -374,6 +373,20 @@ def _figure_class() -> type[Figure]:
             "plotting spectra needs matplotlib: pip install matplotlib (or timm-svb[dev])"
         ) from e
     return Figure
+
+
+def _legend_below(fig: Figure, handles: Sequence[Any], names: Sequence[str], max_cols: int) -> None:
+    """The figure's legend under its axes, in the most columns (up to ``max_cols``) that fit its width
+    (long labels, config, model and SVB settings, in fixed columns ran off both sides); the figure grows by
+    the rows beyond the first, so that the axes keep their height."""
+    for ncols in range(max(1, min(len(names), max_cols)), 0, -1):
+        legend = fig.legend(handles, names, loc="outside lower center", ncols=ncols, frameon=False)
+        extent = legend.get_window_extent()
+        if ncols == 1 or extent.width <= fig.bbox.width:
+            break
+        legend.remove()
+    rows = -(-len(names) // ncols)
+    fig.set_figheight(fig.get_figheight() + extent.height / fig.dpi * (rows - 1) / max(rows, 1))
 
 
 def _plot_formats() -> set[str]:

@@ -21,13 +21,9 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
+from ._solver import _certify_parts, _full_precision, _index, _oriented, _solve, _take
 from .functional import (
-    _certify_parts,
-    _full_precision,
-    _index,
-    _oriented,
-    _solve,
-    _take,
+    band,
     band_slack,
     bbn_alpha,
     bbn_gamma,
@@ -411,7 +407,7 @@ class SVB:
         if not self.certify:
             count = sum(len(part) for part in parts)
             return parts, None, torch.zeros(count, dtype=torch.bool, device=parts[0].device)
-        certified, gram = _certify_parts(parts, self.epsilon, self._slack(unit))
+        certified, gram = _certify_parts(parts, *band(self.epsilon), self._slack(unit))
         return parts, gram, certified
 
     def _slack(self, unit: list[int]) -> float:
@@ -437,7 +433,7 @@ class SVB:
         solved = _solve(
             torch.cat(pieces) if len(pieces) > 1 else pieces[0],
             None if gram is None else _take(gram, rest),
-            self.epsilon,
+            *band(self.epsilon),
             self._slack(unit),
         )
         columns = [solved.sv[:, 0], solved.sv[:, -1], solved.num_clipped, solved.fallback, solved.degenerate]
