@@ -61,6 +61,7 @@ from hub.record import (
     read_record,
     record_entry,
     record_path,
+    ship_weights,
     write_record,
 )
 from timm_svb.models._pretrained import HUB_ORG
@@ -468,6 +469,7 @@ class PublishOptions:
 
     repo_id: str
     dry_run: Path | None = None
+    in_package: Path | None = None
     weights: str = "best"
     tag: str | None = None
     tolerance: float = 0.1
@@ -513,8 +515,14 @@ class Release:
 
 def prepare(run_dir: Path, opts: PublishOptions) -> Release:
     """Check the preconditions, the record and the run; refuse early what could not be pushed or recorded."""
-    if opts.dry_run is None and get_token() is None:
-        raise PublishError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run)")
+    if opts.dry_run is not None and opts.in_package is not None:
+        raise PublishError("--dry-run records nothing and --in-package records: pass one of them")
+    if opts.in_package is not None and opts.no_record:
+        raise PublishError("--in-package ships and records the weights: not with --no-record")
+    if opts.dry_run is None and opts.in_package is None and get_token() is None:
+        raise PublishError(
+            "no Hugging Face token: set HF_TOKEN or run `hf auth login` (or use --dry-run, or --in-package)"
+        )
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", opts.repo_id):
         raise PublishError(f"--repo-id must be ORG/NAME, got {opts.repo_id!r}")
     if opts.private and opts.recording:
@@ -644,6 +652,24 @@ def push_and_record(
     return {"revision": revision, "record": str(rel.record)}
 
 
+def ship_and_record(rel: Release, folder: Path, metrics: dict, opts: PublishOptions) -> dict[str, Any]:
+    """``--in-package``: the checked folder's weights into the package beside the record, and the record entry
+    that pins their sha256 (no Hub commit yet); returns what was done."""
+    entry = record_entry(
+        folder,
+        rel.name,
+        None,
+        metrics,
+        rel.run["svb_config"],
+        opts.svb_override,
+        allow_mismatch=_allowed_mismatch(rel, opts),
+    )
+    shipped = ship_weights(folder, rel.record, rel.name)
+    write_record(rel.record, rel.name, entry)
+    _logger.info("shipped %s as %s and recorded it in %s", rel.name, shipped, rel.record)
+    return {"package_file": str(shipped), "record": str(rel.record)}
+
+
 def publish(
     run_dir: Path,
     opts: PublishOptions,
@@ -658,7 +684,7 @@ def publish(
     evaluator = evaluator or functools.partial(recipe_evaluator, data_dir=opts.data_dir)
     rel = prepare(run_dir, opts)
     with tempfile.TemporaryDirectory(prefix="timm-svb-publish-") as tmp:
-        folder = _out_folder(opts.dry_run, tmp)
+        folder = _out_folder(opts.dry_run or opts.in_package, tmp)
         metrics = build_checked_folder(rel, folder, opts, evaluator)
         summary: dict[str, Any] = {
             "repo_id": opts.repo_id,
@@ -675,6 +701,8 @@ def publish(
         }
         if opts.dry_run is not None:
             return {**summary, "dry_run": str(folder)}
+        if opts.in_package is not None:
+            return {**summary, "release_folder": str(folder), **ship_and_record(rel, folder, metrics, opts)}
         return {**summary, **push_and_record(rel, folder, metrics, opts, api_factory or HfApi)}
 
 
@@ -730,6 +758,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT_DIR",
         help="build and check the repo folder in OUT_DIR (new or empty) and stop: "
         "no upload, no record, no token needed",
+    )
+    p.add_argument(
+        "--in-package",
+        type=Path,
+        metavar="OUT_DIR",
+        help="where the Hub cannot be reached: build and check the repo folder in OUT_DIR (new or empty; "
+        "push it later with the plain command), ship its weights inside the package "
+        "(timm_svb/models/weights/MODEL.TAG.safetensors) and record them there pinned by sha256, so "
+        "timm.create_model(MODEL.TAG, pretrained=True) loads them offline; no token needed",
     )
     p.add_argument(
         "--weights",

@@ -2,8 +2,11 @@
 and writing them.
 
 An entry ``"model_name.tag": {"hf_hub_id", "revision", "sha256", "metrics", "svb_config"}`` pins the Hub
-commit that holds the weights and the sha256 of its ``model.safetensors``; the zoo derives its pretrained cfgs
-from it. Entries are validated on read and on write (``timm_svb.models._pretrained.check_entry``).
+commit that holds the weights and the sha256 of its ``model.safetensors``; an entry with ``"package_file"``
+instead of ``"revision"`` pins a weights file shipped inside the package (``weights/MODEL.TAG.safetensors``
+beside the record: published where the Hub cannot be reached, until a push moves the entry to the Hub
+commit). The zoo derives its pretrained cfgs from the record. Entries are validated on read and on write
+(``timm_svb.models._pretrained.check_entry``).
 
 Where the record is written (one rule): ``--record PATH`` when given; otherwise the ``published.json`` of the
 ``timm_svb`` that is imported (the one that checked the weights), and only when that ``timm_svb`` is a
@@ -29,6 +32,7 @@ from timm_svb.models._pretrained import (
     RecordError,
     check_entry,
     file_sha256,
+    package_file_of,
     parse_record,
 )
 
@@ -40,6 +44,7 @@ __all__ = [
     "read_record",
     "record_entry",
     "record_path",
+    "ship_weights",
     "write_record",
 ]
 
@@ -80,17 +85,18 @@ def read_record(path: str | os.PathLike[str], writable: bool = False) -> dict[st
 def record_entry(
     folder: str | os.PathLike[str],
     name: str,
-    revision: str,
+    revision: str | None,
     metrics: dict[str, Any],
     svb_config: dict[str, Any] | None,
     svb_override: str | None = None,
     allow_mismatch: str | None = None,
 ) -> dict[str, Any]:
-    """The (validated) record entry ``name`` of a published folder: repo id, pinned commit, sha256 of its
-    weights, metrics and the SVB settings the weights were trained with; the stated overrides, if any."""
+    """The (validated) record entry ``name`` of a published folder: repo id, pinned commit (None: the weights
+    are shipped in the package, :func:`ship_weights`), sha256 of its weights, metrics and the SVB settings the
+    weights were trained with; the stated overrides, if any."""
     entry = {
         "hf_hub_id": f"{HUB_ORG}/{name}",
-        "revision": revision,
+        **({"revision": revision} if revision is not None else {"package_file": package_file_of(name)}),
         "sha256": file_sha256(Path(folder) / WEIGHTS_FILENAME),
         "metrics": metrics,
         "svb_config": svb_config,
@@ -99,6 +105,24 @@ def record_entry(
     }
     check_entry(name, entry)
     return entry
+
+
+def ship_weights(folder: str | os.PathLike[str], record: str | os.PathLike[str], name: str) -> Path:
+    """Copy a checked folder's weights into the package beside ``record`` (``weights/NAME.safetensors``, mode
+    0644), atomically; returns the file. The record entry (``record_entry(..., revision=None)``) pins its
+    sha256."""
+    target = Path(record).parent / package_file_of(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".weights-", suffix=".safetensors")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write((Path(folder) / WEIGHTS_FILENAME).read_bytes())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
 
 
 def write_record(path: str | os.PathLike[str], name: str, entry: dict[str, Any]) -> None:

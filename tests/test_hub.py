@@ -984,6 +984,89 @@ def test_pretrained_from_record_on_every_path_with_tamper_checks(
     assert out["tuned_fc"] == [5, 64] and out["tuned_backbone_equal"]
 
 
+_SHIPPED_LOAD_SCRIPT = """
+import json, sys
+import safetensors.torch, timm, torch
+import timm_svb
+
+name, run_weights = sys.argv[1:3]
+arch = name.split(".")[0]
+ref = timm.create_model(arch, num_classes=10).eval()
+ref.load_state_dict(safetensors.torch.load_file(run_weights))
+x = torch.randn(2, 3, 32, 32)
+out = {"listed": timm.list_pretrained("*svb*"), "file": timm.get_pretrained_cfg(name).file}
+with torch.no_grad():
+    for key, model_name in (("tagged", name), ("default_tag", arch)):
+        out[key] = torch.equal(timm.create_model(model_name, pretrained=True).eval()(x), ref(x))
+path = timm_svb.models._pretrained.shipped_weights_path(name)
+data = bytearray(path.read_bytes())
+data[-1] ^= 1
+path.write_bytes(bytes(data))
+try:
+    timm.create_model(name, pretrained=True)
+    out["tampered"] = "loaded"
+except Exception as e:
+    out["tampered"] = type(e).__name__ + ": " + str(e)
+print(json.dumps(out))
+"""
+
+
+def test_in_package_ships_records_and_loads_offline(tiny_run: Path, tmp_path: Path) -> None:
+    """``--in-package``: the checked folder stays (to push later), its weights are shipped beside the record
+    and recorded pinned by sha256 without a Hub commit; a fresh offline process with that record loads them
+    by name (tagged and default tag), lists them, and refuses the file once a byte of it changed."""
+    (tmp_path / "models").mkdir()
+    record = empty_record(tmp_path / "models" / "published.json")
+    release = tmp_path / "release"
+    opts = pub.PublishOptions(repo_id=REPO_ID, in_package=release, record=record)
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+            mp.delenv(var, raising=False)
+        mp.setattr(pub, "get_token", lambda: None)  # no token needed
+        summary = pub.publish(tiny_run, opts, evaluator=synthetic_evaluator)
+    shipped = tmp_path / "models" / "weights" / f"{NAME}.safetensors"
+    entry = read_record(record)[NAME]
+    assert summary["package_file"] == str(shipped) and summary["release_folder"] == str(release)
+    assert "revision" not in entry and entry["package_file"] == f"weights/{NAME}.safetensors"
+    assert entry["sha256"] == file_sha256(shipped) == file_sha256(release / "model.safetensors")
+    assert stat.S_IMODE(shipped.stat().st_mode) == 0o644 and {p.name for p in release.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "README.md",
+    }
+    env = child_env(HF_HUB_CACHE=str(tmp_path / "empty_cache"), HF_HOME=str(tmp_path / "home"))
+    env["TIMM_SVB_PUBLISHED_RECORD"] = str(record)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHIPPED_LOAD_SCRIPT, NAME, str(tiny_run / "model_best.safetensors")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["listed"] == [NAME] and out["file"] == str(shipped)
+    assert out["tagged"] is True and out["default_tag"] is True
+    assert out["tampered"].startswith("PretrainedWeightsIntegrityError") and "Reinstall" in out["tampered"]
+    with pytest.raises(pub.PublishError, match="pass one of them"):
+        pub.publish(tiny_run, pub.PublishOptions(repo_id=REPO_ID, in_package=release, dry_run=tmp_path / "d"))
+
+
+def test_record_entries_name_exactly_one_weights_source() -> None:
+    base = {"hf_hub_id": REPO_ID, "sha256": "a" * 64, "metrics": {}, "svb_config": {"epsilon": 0.5}}
+    pretrained_record.check_entry(NAME, {**base, "revision": "b" * 40})
+    pretrained_record.check_entry(NAME, {**base, "package_file": f"weights/{NAME}.safetensors"})
+    for entry, message in (
+        (base, "exactly one weights source"),
+        ({**base, "revision": "b" * 40, "package_file": f"weights/{NAME}.safetensors"}, "exactly one"),
+        ({**base, "package_file": "weights/other.safetensors"}, "package_file must be"),
+        ({**base, "package_file": f"../{NAME}.safetensors"}, "package_file must be"),
+    ):
+        with pytest.raises(pretrained_record.RecordError, match=message):
+            pretrained_record.check_entry(NAME, entry)
+
+
 # ------------------------------------------------------------------------------- the maintainer's steps
 
 

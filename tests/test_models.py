@@ -7,6 +7,7 @@ reach the network."""
 import copy
 import functools
 import json
+from pathlib import Path
 
 import huggingface_hub
 import numpy as np
@@ -32,6 +33,7 @@ from timm_svb.models._pretrained import (
     PretrainedWeightsNotPublishedError,
     RecordError,
     file_sha256,
+    shipped_weights_path,
 )
 
 CIFAR_BASELINES = [
@@ -356,6 +358,9 @@ def test_pretrained_cfg(name: str):
         entry, tagged = PUBLISHED.get(tag), timm.get_pretrained_cfg(tag)
         if entry is None:
             assert tagged.hf_hub_id is None and not tagged.has_weights
+        elif "package_file" in entry:  # shipped in the package: the file beside the record
+            assert tagged.hf_hub_id is None and tagged.custom_load == "hf"
+            assert tagged.file == str(shipped_weights_path(tag)) and Path(tagged.file).is_file()
         else:
             assert tagged.hf_hub_id == f"{entry['hf_hub_id']}@{entry['revision']}"
             assert tagged.hf_hub_filename == WEIGHTS_FILENAME and tagged.custom_load == "hf"
@@ -404,9 +409,12 @@ def _assert_loads_the_recorded_file(name: str, model_name: str) -> None:
     """``create_model(model_name, pretrained=True)`` gives exactly the tensors of record entry ``name``'s
     file, read from the local Hub cache (skipped when it is not there: tests never download)."""
     entry = PUBLISHED[name]
-    path = huggingface_hub.try_to_load_from_cache(
-        entry["hf_hub_id"], WEIGHTS_FILENAME, revision=entry["revision"]
-    )
+    if "package_file" in entry:
+        path = str(shipped_weights_path(name))
+    else:
+        path = huggingface_hub.try_to_load_from_cache(
+            entry["hf_hub_id"], WEIGHTS_FILENAME, revision=entry["revision"]
+        )
     if not isinstance(path, str):
         pytest.skip(f"{name}: the recorded weights are not in the local Hub cache (tests never download)")
     assert file_sha256(path) == entry["sha256"]

@@ -46,10 +46,13 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 
 
 def cifar_cfgs(**kwargs: Any) -> dict[str, dict[str, Any]]:
-    """Cfgs per CIFAR pretrained tag: 32x32 input, no resize or crop at test time, data set mean/std."""
+    """Cfgs per CIFAR pretrained tag: 32x32 input, no resize or crop at test time, data set mean/std.
+    ``c10jpeg`` is the JPEG (quality 75) copy of CIFAR-10 the project trains on where the Hub cannot be
+    reached: CIFAR-10's images, classes and statistics, other pixels (hub/publish.py's DATA_TAGS)."""
     cifar = dict(input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0, **kwargs)
     return {
         "cifar10": _cfg(**cifar, num_classes=10, mean=CIFAR10_MEAN, std=CIFAR10_STD),
+        "c10jpeg": _cfg(**cifar, num_classes=10, mean=CIFAR10_MEAN, std=CIFAR10_STD),
         "cifar100": _cfg(**cifar, num_classes=100, mean=CIFAR100_MEAN, std=CIFAR100_STD),
     }
 

@@ -1,10 +1,12 @@
 """Record of published pretrained weights, the pretrained cfgs derived from it, and the one weights loader.
 
-Only weights listed in ``published.json`` (filled by the hub publisher) get an ``hf_hub_id``, so only
-those are announced by ``timm.list_pretrained()``; every other ``model.tag`` cfg carries no weight source.
-Every pretrained load of our architectures goes through :func:`load_weights` (timm's ``custom_load`` hook,
-see :func:`route_weights`): it reads safetensors only, never a pickle, and a file of a recorded repository
-at its recorded commit must have the recorded sha256.
+Only weights listed in ``published.json`` (filled by the hub publisher) get a weight source, so only
+those are announced by ``timm.list_pretrained()``; every other ``model.tag`` cfg carries none. An entry's
+weights are either on the Hugging Face Hub, pinned to a commit (``revision``), or shipped inside the package
+(``package_file``, a file beside the record, for weights published where the Hub cannot be reached); both
+are pinned by sha256. Every pretrained load of our architectures goes through :func:`load_weights` (timm's
+``custom_load`` hook, see :func:`route_weights`): it reads safetensors only, never a pickle, and a recorded
+file (a recorded repository at its recorded commit, or a shipped file) must have the recorded sha256.
 """
 
 import hashlib
@@ -30,11 +32,14 @@ RECORD_ENV = "TIMM_SVB_PUBLISHED_RECORD"
 _NAME = re.compile(r"[a-z0-9_]+\.[a-z0-9_]+")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-# Keys every record entry carries; the optional ones are overrides stated on the model card: "svb_override"
-# (why an _svb name holds weights trained without SVB), "allow_mismatch" (why the weights are recorded under a
-# tag whose data or schedule the run does not meet).
-_RECORD_KEYS = ("hf_hub_id", "revision", "sha256", "metrics", "svb_config")
+# Keys every record entry carries, and exactly one of the weights' sources: "revision" (the Hub commit) or
+# "package_file" (shipped in the package: weights/MODEL.TAG.safetensors beside the record). The optional ones
+# are overrides stated on the model card: "svb_override" (why an _svb name holds weights trained without SVB),
+# "allow_mismatch" (why the weights are recorded under a tag whose data or schedule the run does not meet).
+_RECORD_KEYS = ("hf_hub_id", "sha256", "metrics", "svb_config")
+_SOURCE_KEYS = ("revision", "package_file")
 _OPTIONAL_KEYS = ("svb_override", "allow_mismatch")
+PACKAGE_WEIGHTS_DIR = "weights"
 
 
 class RecordError(ValueError):
@@ -44,9 +49,10 @@ class RecordError(ValueError):
 def check_entry(name: str, entry: Mapping[str, Any]) -> None:
     """Raise :class:`RecordError` unless ``entry`` is a valid record entry for ``name`` (``model.tag``).
 
-    Valid: the repository is ``timm-svb/<name>``, the revision a full 40-hex commit id, the sha256 64 hex
-    digits, and an ``_svb`` model carries the SVB settings its weights were trained with (an ``svb_config``
-    with a positive ``epsilon``) unless ``svb_override`` says why not.
+    Valid: the repository is ``timm-svb/<name>``; the weights either on the Hub at ``revision`` (a full 40-hex
+    commit id) or shipped in the package as ``package_file`` = ``weights/<name>.safetensors``, not both; the
+    sha256 64 hex digits; and an ``_svb`` model carries the SVB settings its weights were trained with (an
+    ``svb_config`` with a positive ``epsilon``) unless ``svb_override`` says why not.
     """
     where = f"record entry {name!r}"
     if not _NAME.fullmatch(name):
@@ -54,13 +60,20 @@ def check_entry(name: str, entry: Mapping[str, Any]) -> None:
     if not isinstance(entry, Mapping):
         raise RecordError(f"{where}: not a JSON object")
     missing = [k for k in _RECORD_KEYS if k not in entry]
-    unknown = sorted(set(entry) - set(_RECORD_KEYS) - set(_OPTIONAL_KEYS))
+    unknown = sorted(set(entry) - set(_RECORD_KEYS) - set(_SOURCE_KEYS) - set(_OPTIONAL_KEYS))
     if missing or unknown:
         raise RecordError(f"{where}: missing keys {missing}, unknown keys {unknown}")
     if entry["hf_hub_id"] != f"{HUB_ORG}/{name}":
         raise RecordError(f"{where}: hf_hub_id must be '{HUB_ORG}/{name}', got {entry['hf_hub_id']!r}")
-    if not isinstance(entry["revision"], str) or not _COMMIT.fullmatch(entry["revision"]):
-        raise RecordError(f"{where}: revision must be a full 40-hex commit id, got {entry['revision']!r}")
+    sources = [k for k in _SOURCE_KEYS if k in entry]
+    if len(sources) != 1:
+        raise RecordError(f"{where}: needs exactly one weights source of {list(_SOURCE_KEYS)}, got {sources}")
+    shipped = package_file_of(name)
+    if "package_file" in entry and entry["package_file"] != shipped:
+        raise RecordError(f"{where}: package_file must be {shipped!r}, got {entry['package_file']!r}")
+    revision = entry.get("revision", "0" * 40)
+    if not isinstance(revision, str) or not _COMMIT.fullmatch(revision):
+        raise RecordError(f"{where}: revision must be a full 40-hex commit id, got {revision!r}")
     if not isinstance(entry["sha256"], str) or not _SHA256.fullmatch(entry["sha256"]):
         raise RecordError(f"{where}: sha256 must be 64 hex digits, got {entry['sha256']!r}")
     if not isinstance(entry["metrics"], Mapping):
@@ -77,6 +90,11 @@ def check_entry(name: str, entry: Mapping[str, Any]) -> None:
                 f"{where}: an _svb model needs the SVB settings its weights were trained with (svb_config "
                 "with a positive epsilon), or an svb_override stating why not (also stated on the model card)"
             )
+
+
+def package_file_of(name: str) -> str:
+    """Where the package ships the weights of record entry ``name``, relative to the record's folder."""
+    return f"{PACKAGE_WEIGHTS_DIR}/{name}.safetensors"
 
 
 def _positive(value: Any) -> bool:
@@ -99,15 +117,20 @@ def parse_record(text: str, source: str = PUBLISHED_FILE) -> dict[str, dict]:
     return record
 
 
-def _load_published() -> dict[str, dict]:
-    """Read and validate the package's record (or the one ``$TIMM_SVB_PUBLISHED_RECORD`` names)."""
+def _record_source() -> Path:
+    """The package's record (or the one ``$TIMM_SVB_PUBLISHED_RECORD`` names)."""
     override = os.environ.get(RECORD_ENV)
-    source = Path(override) if override else resources.files(__package__).joinpath(PUBLISHED_FILE)
-    return parse_record(source.read_text(encoding="utf-8"), str(source))
+    return Path(override) if override else Path(str(resources.files(__package__).joinpath(PUBLISHED_FILE)))
 
 
-# "model_name.tag" -> {"hf_hub_id", "revision", "sha256", "metrics", "svb_config"[, "svb_override"]}
-PUBLISHED: dict[str, dict] = _load_published()
+RECORD_SOURCE = _record_source()
+# "model_name.tag" -> {"hf_hub_id", "revision" | "package_file", "sha256", "metrics", "svb_config"[, ...]}
+PUBLISHED: dict[str, dict] = parse_record(RECORD_SOURCE.read_text(encoding="utf-8"), str(RECORD_SOURCE))
+
+
+def shipped_weights_path(name: str) -> Path:
+    """The file of a record entry shipped in the package (its ``package_file``, beside the record)."""
+    return RECORD_SOURCE.parent / PUBLISHED[name]["package_file"]
 
 
 class PretrainedWeightsNotPublishedError(RuntimeError):
@@ -156,7 +179,16 @@ def _hub_cache_origin(path: Path) -> tuple[str, str] | None:
 def recorded_name(repo_id: str, commit: str) -> str | None:
     """The record entry that pins ``repo_id`` at ``commit``, if any."""
     for name, entry in PUBLISHED.items():
-        if entry["hf_hub_id"] == repo_id and entry["revision"] == commit:
+        if entry["hf_hub_id"] == repo_id and entry.get("revision") == commit:
+            return name
+    return None
+
+
+def shipped_name(path: Path) -> str | None:
+    """The record entry whose shipped file ``path`` is, if any."""
+    resolved = path.resolve()
+    for name, entry in PUBLISHED.items():
+        if "package_file" in entry and shipped_weights_path(name).resolve() == resolved:
             return name
     return None
 
@@ -179,14 +211,21 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             "(safetensors) only, never a pickle such as pytorch_model.bin"
         ) from e
     origin = _hub_cache_origin(path)
-    name = recorded_name(*origin) if origin else None
+    name = recorded_name(*origin) if origin else shipped_name(path)
     if name is not None:
         digest, expected = hashlib.sha256(data).hexdigest(), PUBLISHED[name]["sha256"]
         if digest != expected:
+            where, fix = (
+                (f"{origin[0]}@{origin[1]}", "Delete that file from the Hugging Face cache and retry.")
+                if origin
+                else (
+                    "shipped in the package",
+                    "Reinstall timm-svb (pip install --force-reinstall timm-svb).",
+                )
+            )
             raise PretrainedWeightsIntegrityError(
-                f"Pretrained weights of '{name}' ({origin[0]}@{origin[1]}) are corrupt or tampered with: "
-                f"sha256 of {path} is {digest}, the timm-svb record says {expected}. Nothing was loaded. "
-                "Delete that file from the Hugging Face cache and retry."
+                f"Pretrained weights of '{name}' ({where}) are corrupt or tampered with: sha256 of {path} is "
+                f"{digest}, the timm-svb record says {expected}. Nothing was loaded. {fix}"
             )
     try:
         return safetensors.torch.load(data)
@@ -223,10 +262,13 @@ def route_weights(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def hub_cfg(name: str) -> dict[str, Any]:
-    """Weight source entries for a published ``model.tag`` (empty if it is not in the record)."""
+    """Weight source entries for a published ``model.tag`` (empty if it is not in the record): its Hub
+    repository at the recorded commit, or the file shipped in the package."""
     entry = PUBLISHED.get(name)
     if entry is None:
         return {}
+    if "package_file" in entry:
+        return route_weights({"file": str(shipped_weights_path(name))})
     return route_weights({"hf_hub_id": f"{entry['hf_hub_id']}@{entry['revision']}"})
 
 
