@@ -63,12 +63,27 @@ def data_source(dataset: dict[str, Any]) -> str:
     return _portable(dataset.get("data_dir") or dataset["name"])
 
 
-def _data_description(dataset: dict[str, Any]) -> str:
-    """``source`` and, for a local folder, the name it was given as."""
+# What a local copy known to the project is, by folder name: how every result from it must be labelled.
+DATA_LABELS = {
+    "cifar10-jpeg": "CIFAR-10 (JPEG q75 copy): CIFAR-10's 60,000 images, labels and split, stored as JPEG "
+    "quality 75, so not bit-identical to CIFAR-10; errors are not comparable with published CIFAR-10 figures",
+}
+
+
+def _data_description(dataset: dict[str, Any], train_subset: int | None = None) -> str:
+    """``source`` and, for a local folder, the name it was given as and what it is (:data:`DATA_LABELS`);
+    the training images used when the run took a subset."""
     source = data_source(dataset)
     if dataset.get("data_dir") and dataset["name"] != dataset["data_dir"]:
-        return f"`{source}` (a local folder, given as `{_portable(dataset['name'])}`)"
-    return f"`{source}`" + (" (a local folder)" if dataset.get("data_dir") else "")
+        text = f"`{source}` (a local folder, given as `{_portable(dataset['name'])}`)"
+    else:
+        text = f"`{source}`" + (" (a local folder)" if dataset.get("data_dir") else "")
+    label = DATA_LABELS.get(PureWindowsPath(str(dataset.get("data_dir") or "")).name)
+    if label:
+        text += f", that is {label}"
+    if train_subset:
+        text += f"; trained on the first {train_subset} images of its training split (`--train-subset`)"
+    return text
 
 
 def _what_it_did(facts: dict[str, Any], allowed_mismatch: str | None) -> str:
@@ -158,10 +173,18 @@ def _results_table(dataset: dict[str, Any], metrics: dict[str, Any], checked: di
     return "\n".join(rows) + "\n"
 
 
-def _usage(repo_id: str, record_name: str | None, num_classes: int) -> str:
+def _usage(repo_id: str, record_name: str | None, num_classes: int, shipped: bool = False) -> str:
     """How to load, predict with and fine-tune the published weights."""
     zoo = ""
-    if record_name:
+    if record_name and shipped:
+        zoo = (
+            f"\nThese weights ship inside the `timm-svb` package as `{record_name}` (recorded with their "
+            "sha256, checked on every load): they load by name with no download, and from the Hub once this "
+            "folder is pushed there:\n\n"
+            "```python\nimport timm\nimport timm_svb  # registers the SVB/BBN models\n\n"
+            f"model = timm.create_model('{record_name}', pretrained=True).eval()\n```\n"
+        )
+    elif record_name:
         zoo = (
             f"\nThese weights are recorded for the timm-svb model zoo as `{record_name}`. From the first "
             f"`timm-svb` release that ships the record (`'{record_name}' in timm.list_pretrained()`), they "
@@ -209,6 +232,7 @@ def build_model_card(
     svb_override: str | None = None,
     facts: dict[str, Any] | None = None,
     allowed_mismatch: str | None = None,
+    shipped: bool = False,
 ) -> ModelCard:
     """The model card of a published run.
 
@@ -226,9 +250,10 @@ def build_model_card(
             config's epochs, ``svb_applied_total``), stated on the card.
         allowed_mismatch: Why the weights are recorded under a tag whose data or schedule the run does not
             meet, and how it differs (``--allow-mismatch``), if they are.
+        shipped: The weights ship inside the package (``hub/publish.py --in-package``), not yet on the Hub.
     """
     facts = facts or {}
-    dataset = run["dataset"]
+    dataset, train_subset = run["dataset"], (run.get("recipe") or {}).get("train_subset")
     card_data = ModelCardData(
         library_name="timm",
         license="apache-2.0",
@@ -250,7 +275,8 @@ def build_model_card(
         f"# {repo_id.split('/')[-1]}\n\n"
         f"`{run['model']}` image classifier ({num_params / 1e6:.2f} M parameters, "
         f"{run['num_classes']} classes) "
-        f"trained on {_data_description(dataset)} with the `timm-svb` recipe. `model.safetensors` holds "
+        f"trained on {_data_description(dataset, train_subset)} with the `timm-svb` recipe. "
+        "`model.safetensors` holds "
         f"{weights_description(metrics.get('weights', 'best'), run)}.\n\n"
         + _what_it_did(facts, allowed_mismatch)
         + "\n"
@@ -259,7 +285,7 @@ def build_model_card(
         + "\n## SVB / BBN\n\n"
         + _svb_section(run.get("svb_config"), svb_override, facts.get("svb_applied_total"))
         + "\n## Usage\n\n"
-        + _usage(repo_id, record_name, run["num_classes"])
+        + _usage(repo_id, record_name, run["num_classes"], shipped)
         + spectrum
         + "\n## Training recipe\n\n"
         + _fine_tuned(run)

@@ -604,6 +604,7 @@ def build_checked_folder(rel: Release, folder: Path, opts: PublishOptions, evalu
         svb_override=opts.svb_override,
         facts=rel.facts,
         allowed_mismatch=_allowed_mismatch(rel, opts),
+        shipped=opts.in_package is not None,
     )
     card.save(folder / "README.md")
     dataset = rel.run["dataset"]
