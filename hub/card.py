@@ -24,15 +24,23 @@ CITATION = """@inproceedings{jia2017improving,
 _TOPK = (("top1_err", 1), ("top5_err", 5))
 
 
+# What a local copy known to the project is, by folder name: how every result from it must be labelled.
+DATA_LABELS = {
+    "cifar10-jpeg": "CIFAR-10 (JPEG q75 copy): CIFAR-10's 60,000 images, labels and split, stored as JPEG "
+    "quality 75, so not bit-identical to CIFAR-10; errors are not comparable with published CIFAR-10 figures",
+}
+
+
 def _eval_results(dataset: dict[str, Any], metrics: dict[str, Any]) -> list[EvalResult]:
     """``model-index`` entries: top-1 / top-5 accuracy (percent) on the run's test split (the data as given:
-    a local folder, not the Hub id it was given as)."""
+    a local folder, not the Hub id it was given as; a known copy by its label, :data:`DATA_LABELS`)."""
+    local = PureWindowsPath(str(dataset.get("data_dir") or "")).name
     return [
         EvalResult(
             task_type="image-classification",
             task_name="Image Classification",
-            dataset_type=dataset["name"],
-            dataset_name=data_source(dataset),
+            dataset_type=local or dataset["name"],
+            dataset_name=DATA_LABELS.get(local, "").split(":")[0] or data_source(dataset),
             dataset_split=dataset.get("test_split") or None,
             metric_type="accuracy",
             metric_name=f"Top-{k} accuracy (%)",
@@ -61,13 +69,6 @@ def data_source(dataset: dict[str, Any]) -> str:
     """The data a run read, as given: its local folder (``--data-dir``; an absolute path shortened), else
     the ``--dataset`` name (a Hub id, ``sklearn-digits``)."""
     return _portable(dataset.get("data_dir") or dataset["name"])
-
-
-# What a local copy known to the project is, by folder name: how every result from it must be labelled.
-DATA_LABELS = {
-    "cifar10-jpeg": "CIFAR-10 (JPEG q75 copy): CIFAR-10's 60,000 images, labels and split, stored as JPEG "
-    "quality 75, so not bit-identical to CIFAR-10; errors are not comparable with published CIFAR-10 figures",
-}
 
 
 def _data_description(dataset: dict[str, Any], train_subset: int | None = None) -> str:

@@ -53,7 +53,7 @@ from timm.models import PretrainedCfg, filter_pretrained_cfg, save_for_hf
 from torch import nn
 
 import timm_svb  # registers the zoo
-from hub.card import build_model_card
+from hub.card import build_model_card, data_source
 from hub.record import (
     WEIGHTS_FILENAME,
     RecordError,
@@ -609,7 +609,7 @@ def build_checked_folder(rel: Release, folder: Path, opts: PublishOptions, evalu
     card.save(folder / "README.md")
     dataset = rel.run["dataset"]
     return {
-        "dataset": dataset["name"],
+        "dataset": data_source(dataset),  # as given: a local copy is not the Hub id it was named
         "test_split": dataset.get("test_split"),
         **rel.recorded,
         "reevaluated": checked,
