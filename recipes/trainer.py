@@ -46,6 +46,7 @@ from data import (
     ImageData,
     TorchImageDataset,
     build_transforms,
+    check_hub_reachable,
     load_image_dataset,
     loader_kwargs,
     make_train_loader,
@@ -160,6 +161,7 @@ class TrainResult:
 def fit(args: Any) -> TrainResult:
     """Train as ``args`` (from :func:`options.parse_args`) says; see ``recipes/train.py --help``."""
     given = dict(vars(args))  # as parsed, before anything is resolved: recorded, and compared on resume
+    check_hub_reachable(args.dataset, args.data_dir)  # offline: refused at once, before the run folder exists
     setup = setup_run(args, given)
     data, num_classes = load_data(args, setup.accelerator)
     model, model_kwargs, frozen_bn = build_model(args, setup.accelerator, num_classes)

@@ -336,6 +336,80 @@ def test_unreachable_hub_dataset_says_what_to_do(monkeypatch: pytest.MonkeyPatch
         load_image_dataset("uoft-cs/cifar10")
 
 
+@pytest.fixture
+def no_hub_requests(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Fails the test on any Hub request or backoff sleep (datasets retries an unreachable Hub with sleeps);
+    returns the hosts that the reachability check tried to connect to (each connection refused)."""
+    import time
+
+    tried: list[str] = []
+
+    def refuse(address: tuple[str, int], timeout: float | None = None) -> Any:
+        tried.append(address[0])
+        raise OSError("Name or service not known")
+
+    def no_request(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr("socket.create_connection", refuse)
+    monkeypatch.setattr(time, "sleep", lambda *a: pytest.fail("a retry backed off"))
+    monkeypatch.setattr("datasets.load_dataset_builder", no_request)
+    monkeypatch.setattr("datasets.load_dataset", no_request)
+    return tried
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_unreachable_hub_fails_at_once_without_a_run_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_hub_requests: list[str], offline: bool
+) -> None:
+    """Hub unreachable (one connection refused) or offline mode (the set not cached): one DataError saying
+    what to do, before the run folder exists and without a request or a retry."""
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", offline)
+
+    def not_cached(name: str) -> Any:
+        no_hub_requests.append("cache")
+        raise FileNotFoundError(name)
+
+    if offline:  # offline, only the cache is read: an empty one
+        monkeypatch.setattr(recipe_data, "_split_files", not_cached)
+    run = tmp_path / "run"
+    expected = "not in the Hugging Face cache and offline" if offline else "Hub, which is unreachable"
+    says = f"'uoft-cs/cifar10' .*{expected}.* Pass --data-dir DIR with a local copy"
+    with pytest.raises(DataError, match=says):
+        run_recipe(["--dataset", "uoft-cs/cifar10", "--output", str(run)])
+    assert not run.exists()
+    assert no_hub_requests == (["cache"] if offline else ["huggingface.co"])
+    # local data needs no Hub
+    recipe_data.check_hub_reachable("uoft-cs/cifar10", data_dir=str(tmp_path))
+    recipe_data.check_hub_reachable(DIGITS)
+
+
+@pytest.mark.slow
+def test_offline_command_line_says_one_line(tmp_path: Path) -> None:
+    """``python recipes/train.py -c table2_...`` offline: exit status 1, one line on stderr that says what to
+    do, no traceback, no run folder."""
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    env.pop("HF_DATASETS_CACHE", None)
+    done = subprocess.run(
+        [sys.executable, str(RECIPES / "train.py"), "-c", "table2_wrn28_10_cifar10_svb_bbn"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,  # a sanity cap, not a speed check: that is the in-process test's no-retry assertion
+        check=False,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: data set 'uoft-cs/cifar10'"), done.stderr
+    assert "--data-dir DIR" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+    assert [p.name for p in tmp_path.iterdir() if p.name != "hf"] == []  # no runs/
+
+
 def test_malformed_datasets_are_explained(tmp_path: Path) -> None:
     import datasets
 
