@@ -74,7 +74,7 @@ from memory_data import (
     plan_memory_path,
     split_nbytes,
 )
-from options import build_parser
+from options import build_parser, run_of_weights
 from rundir import (
     RunState,
     abandon_later_epochs,
@@ -296,7 +296,7 @@ def build_model(
     if args.init == "orthogonal" and not args.pretrained:
         timm_svb.orthogonal_init_(model)
     if args.initial_checkpoint:
-        load_initial_checkpoint(model, args.initial_checkpoint)
+        load_initial_checkpoint(model, args.initial_checkpoint, args.model)
     if args.sync_bn and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     else:
@@ -1155,19 +1155,32 @@ def _model_kwargs(args: Any, num_classes: int) -> dict[str, Any]:
     return kwargs
 
 
-def load_initial_checkpoint(model: nn.Module, path: str) -> None:
-    """Load weights for fine-tuning; classifier tensors of another shape are dropped (a new head)."""
+def load_initial_checkpoint(model: nn.Module, path: str, name: str) -> None:
+    """Load weights for fine-tuning into ``model`` (timm's ``name``); classifier tensors of another shape are
+    dropped (a new head). Logs whether the classifier was kept; a refusal names the model that ``run.json``
+    beside the weights says they are (or asks for ``--model``)."""
     state = plain_state_dict(timm.models.load_state_dict(path, weights_only=True))
     own = model.state_dict()
     classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
     prefixes = (
         tuple(classifier) if isinstance(classifier, (list, tuple)) else ((classifier,) if classifier else ())
     )
+    named = run_of_weights(path)
+    if named is None:
+        hint = "no run.json beside them names their model: pass the --model (and --model-kwargs) they were "
+        hint += "trained with"
+    else:
+        record, run = named
+        kwargs = {k: v for k, v in (run.get("model_kwargs") or {}).items() if k != "num_classes"}
+        hint = (
+            f"{record} says they are {run['model']} with model kwargs {kwargs}: leave --model out to take "
+            "both from there, or pass them"
+        )
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     wrong = [k for k in mismatched if not k.startswith(prefixes)]
     if wrong:
         raise SystemExit(
-            f"--initial-checkpoint {path}: shapes differ for {wrong[:5]} (another architecture?)"
+            f"--initial-checkpoint {path} does not fit {name}: shapes differ for {wrong[:5]}; {hint}"
         )
     for k in mismatched:
         del state[k]
@@ -1175,10 +1188,14 @@ def load_initial_checkpoint(model: nn.Module, path: str) -> None:
     missing = [k for k in missing if k not in mismatched]
     if missing or unexpected:
         raise SystemExit(
-            f"--initial-checkpoint {path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+            f"--initial-checkpoint {path} does not fit {name}: missing keys {missing[:5]}, unexpected keys "
+            f"{unexpected[:5]}; {hint}"
         )
+    source = f" ({name}, as {named[0]} names)" if named is not None and named[1]["model"] == name else ""
     if mismatched:
-        _logger.info("initial checkpoint: new classifier (%s)", ", ".join(mismatched))
+        _logger.info("initial checkpoint %s%s: new classifier (%s)", path, source, ", ".join(mismatched))
+    else:
+        _logger.info("initial checkpoint %s%s: classifier kept (the same number of classes)", path, source)
 
 
 def _svb_settings(args: Any, model: nn.Module) -> dict[str, Any] | None:

@@ -891,6 +891,50 @@ def test_fine_tune_from_initial_checkpoint(tmp_path: Path, cifar_like: Path) -> 
     assert after["fc.weight"].shape[0] == 6
 
 
+def test_fine_tune_takes_the_model_from_run_json(
+    tmp_path: Path, cifar_like: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No --model: the run.json beside --initial-checkpoint names the model and its kwargs (logged); the
+    classifier is kept for the same number of classes and replaced for another, and each is logged; weights
+    without a run.json, or a --model they do not fit, are refused naming what to pass."""
+    common = [*"--epochs 1 --batch-size 8 --checkpoint-hist 0 --no-svb --lr 0 --sched const".split()]
+    common += ["--data-dir", str(cifar_like)]
+    run_recipe(
+        [*common, "--model", "convnet20", "--model-kwargs", "depth_x=1", "--output", str(tmp_path / "a")]
+    )
+    weights = tmp_path / "a" / "model_final.safetensors"
+    record = tmp_path / "a" / "run.json"
+    for name, more in (("same", []), ("more", ["--num-classes", "6"])):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="recipes.train"):
+            tuned = run_recipe(
+                [*common, *more, "--initial-checkpoint", str(weights), "--output", str(tmp_path / name)]
+            )
+        run = json.loads((tmp_path / name / "run.json").read_text())
+        assert (run["model"], run["model_kwargs"]["depth_x"]) == ("convnet20", 1)
+        assert run["args"]["model"] == "convnet20"
+        head = load_weights(weights)["fc.weight"]
+        logged = f"initial checkpoint {weights} (convnet20, as {record} names): "
+        if name == "same":
+            assert torch.equal(tuned.model.state_dict()["fc.weight"], head)
+            assert logged + "classifier kept (the same number of classes)" in caplog.text
+        else:
+            assert (
+                tuned.model.num_classes == 6 and logged + "new classifier (fc.bias, fc.weight)" in caplog.text
+            )
+    wrong = [*common, "--initial-checkpoint", str(weights), "--output", str(tmp_path / "wrong")]
+    with pytest.raises(
+        SystemExit, match=rf"{record} says they are convnet20 with model kwargs .*'depth_x': 1"
+    ):
+        run_recipe([*wrong, "--model", "convnet20_svb"])
+    alone = tmp_path / "elsewhere" / "weights.safetensors"
+    alone.parent.mkdir()
+    shutil.copy(weights, alone)
+    bare = [*common, "--initial-checkpoint", str(alone), "--output", str(tmp_path / "bare")]
+    with pytest.raises(SystemExit, match="no run.json beside them names their model: pass the --model"):
+        run_recipe(bare)
+
+
 def test_warmup_rises_every_step(tmp_path: Path, cifar_like: Path) -> None:
     args = (
         "--epochs 2 --batch-size 4 --lr 0.1 --warmup-epochs 1 --warmup-lr 0.01 --no-svb --checkpoint-hist 0"
