@@ -313,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this")
     group.add_argument("--epochs", type=int, default=4, help="epochs to train (the paper: 160)")
     group.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N optimizer steps of the run in all (a smoke run on real data). The LR and SVB "
+        "schedules stay those of --epochs; the epoch in which step N falls is cut there, tested and recorded "
+        "(not checkpointed); run.json's status is then stopped_max_steps, and model_final is not written",
+    )
+    group.add_argument(
         "--batch-size",
         type=int,
         default=32,
@@ -569,6 +578,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.config = pre.config
     if args.model is None:
         _model_of_checkpoint(args)
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max-steps {args.max_steps}: takes a number of optimizer steps >= 1")
     if args.compile is True:  # `compile: true` in a YAML config
         args.compile = "inductor"
     if args.lr_base is not None:

@@ -935,6 +935,44 @@ def test_fine_tune_takes_the_model_from_run_json(
         run_recipe(bare)
 
 
+def test_max_steps_cuts_the_run_and_keeps_the_epochs_schedules(tmp_path: Path, cifar_like: Path) -> None:
+    """--epochs 3 --max-steps 6 at 4 steps an epoch: 6 optimizer steps at the LRs of the 3-epoch schedule, SVB
+    after each (its schedule is the 3 epochs'), epoch 2 cut, tested and recorded but not checkpointed; status
+    stopped_max_steps, no final weights; --resume without the cap finishes from epoch 1's checkpoint. A cap on
+    an epoch's end checkpoints it; a cap past the run's steps changes nothing."""
+    args = "--epochs 3 --batch-size 4 --lr 0.1 --svb-every 1 --svb-skip-last 0 --no-svb-skip-final-epoch"
+    out = tmp_path / "cut"
+    with optimizer_groups() as steps:
+        cut = run_recipe(
+            [*args.split(), "--max-steps", "6", "--data-dir", str(cifar_like), "--output", str(out)]
+        )
+    lrs = [lr_at_epoch(e, lr=0.1, epochs=3) for e in (0, 1)]
+    assert [step[0]["lr"] for step in steps] == pytest.approx([lrs[0]] * 4 + [lrs[1]] * 2, rel=1e-12)
+    assert cut.svb_steps == list(range(1, 13)) and cut.svb.num_applied == 6 and not cut.finished
+    run = json.loads((out / "run.json").read_text())
+    assert (run["status"], run["completed_epochs"], run["svb_applied_total"]) == ("stopped_max_steps", 1, 6)
+    assert [r["epoch"] for r in read_summary(out)] == ["1", "2"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001"]
+    assert not (out / "model_final.safetensors").exists() and (out / "model_best.safetensors").exists()
+    resumed = run_recipe([*args.split(), "--resume", "--output", str(out), "--data-dir", str(cifar_like)])
+    assert (
+        resumed.finished
+        and resumed.start_epoch == 1
+        and [r["epoch"] for r in read_summary(out)] == list("123")
+    )
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    for cap, status, done in ((8, "stopped_max_steps", 2), (12, "finished", 3)):
+        out = tmp_path / str(cap)
+        run_recipe(
+            [*args.split(), "--max-steps", str(cap), "--data-dir", str(cifar_like), "--output", str(out)]
+        )
+        run = json.loads((out / "run.json").read_text())
+        assert (run["status"], run["completed_epochs"]) == (status, done)
+        assert f"epoch_{done:04d}" in {p.name for p in (out / "checkpoints").iterdir()}
+    with pytest.raises(SystemExit):
+        parse_args(["--max-steps", "0"])
+
+
 def test_warmup_rises_every_step(tmp_path: Path, cifar_like: Path) -> None:
     args = (
         "--epochs 2 --batch-size 4 --lr 0.1 --warmup-epochs 1 --warmup-lr 0.01 --no-svb --checkpoint-hist 0"
