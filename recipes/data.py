@@ -45,6 +45,7 @@ __all__ = [
     "TorchImageDataset",
     "build_test_loader",
     "build_transforms",
+    "check_hub_reachable",
     "data_config_from_cfg",
     "digits_dataset",
     "load_image_dataset",
@@ -290,11 +291,68 @@ def _open(source: str, class_split: str | None = None) -> Any:
             ) from e
         raise DataError(
             f"could not load data set {source!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
-            "Offline or behind a firewall? On a machine with network run "
-            f"`datasets.load_dataset({source!r}).save_to_disk(DIR)` "
-            "(or `hf download --repo-type dataset NAME --local-dir DIR`), copy DIR here and pass "
-            "--data-dir DIR. Gated sets (ImageNet) also need `hf auth login` and accepted terms."
+            f"Offline or behind a firewall? {_local_copy_hint(source)}. Gated sets (ImageNet) also need "
+            "`hf auth login` and accepted terms."
         ) from e
+
+
+def _local_copy_hint(name: str) -> str:
+    return (
+        "Pass --data-dir DIR with a local copy: on a machine with network run "
+        f"`datasets.load_dataset({name!r}).save_to_disk(DIR)` (or `hf download --repo-type dataset {name} "
+        "--local-dir DIR`) and copy DIR here"
+    )
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hub cannot be reached, from one TCP connection with a short timeout and no retry; ``None`` when
+    it connects, or when a proxy is configured (which this cannot check: ``datasets`` goes through it)."""
+    import socket  # noqa: PLC0415
+    import urllib.parse  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    from huggingface_hub import constants  # noqa: PLC0415
+
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    if urllib.request.getproxies().get(url.scheme):
+        return None
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{url.hostname}:{port}: {e}"
+    return None
+
+
+def check_hub_reachable(name: str, data_dir: str | os.PathLike | None = None) -> None:
+    """Refuse at once a Hub data set that cannot be had here, before anything is written or downloaded.
+
+    ``datasets`` retries an unreachable Hub for half a minute and then chains its errors; this looks first:
+    offline (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``), the set must be in the Hugging Face cache;
+    online, the Hub must accept a connection. ``sklearn-digits``, ``data_dir`` and local paths pass.
+
+    Raises:
+        DataError: the message says what to do (``--data-dir`` with a local copy).
+    """
+    if data_dir or name == DIGITS or Path(name).expanduser().exists():
+        return
+    import datasets.config  # noqa: PLC0415
+
+    if datasets.config.HF_HUB_OFFLINE:
+        try:
+            _split_files(name)  # offline, datasets reads only its cache: no request, no retry
+        except Exception:  # noqa: BLE001  (not cached: datasets raises several types)
+            raise DataError(
+                f"data set {name!r} is not in the Hugging Face cache and offline mode is on "
+                f"(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE). {_local_copy_hint(name)}"
+            ) from None
+        return
+    reason = _hub_unreachable()
+    if reason is not None:
+        raise DataError(
+            f"data set {name!r} is on the Hugging Face Hub, which is unreachable from here ({reason}). "
+            f"{_local_copy_hint(name)}; or, for a copy in the Hugging Face cache, set HF_HUB_OFFLINE=1"
+        )
 
 
 def _load_local(path: Path, class_split: str | None = None) -> Any:
@@ -431,6 +489,7 @@ def load_image_dataset(
     elif name == DIGITS:
         dsd = digits_dataset()
     else:
+        check_hub_reachable(name)
         dsd = _open(name, train_split)
 
     test_split = _pick_test_split(dsd, label_column, val_split)

@@ -304,8 +304,10 @@ def train_one_epoch(
     channels_last: bool = False,
     progress: bool = True,
     log_interval: int = 50,
+    max_steps: int | None = None,
 ) -> TrainStats:
     """One epoch of SGD with Accelerate; the SVB plugin (if attached to ``optimizer``) runs in its step hook.
+    ``max_steps`` cuts the epoch after that many optimizer steps.
 
     Every loader batch is one optimizer step, after which ``ema`` (if given) averages the model in and
     ``scheduler`` (if given) is stepped: with ``grad_accum_steps = k`` the batch is cut into ``k``
@@ -373,6 +375,8 @@ def train_one_epoch(
             bar.update(1)
             if steps % log_interval == 0:
                 bar.set_postfix(loss=f"{loss_sum.item() / chunks_done:.4f}", refresh=False)
+        if steps == max_steps:
+            break
     seconds = time.perf_counter() - start
     bar.close()
     mean_loss = accelerator.reduce(loss_sum / max(chunks_done, 1), reduction="mean")

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["build_parser", "load_config_file", "parse_args", "scaled_lr"]
+__all__ = ["DEFAULT_MODEL", "build_parser", "load_config_file", "parse_args", "run_of_weights", "scaled_lr"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_MODEL = "convnet20_svb"  # the embedded default run's
 
 
 class ParseKwargs(argparse.Action):
@@ -134,7 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--label-column", default=None, help="label column (default: detected)")
 
     group = parser.add_argument_group("Model")
-    group.add_argument("--model", default="convnet20_svb", help="timm model name (timm's or timm_svb's zoo)")
+    group.add_argument(
+        "--model",
+        default=None,
+        help="timm model name (timm's or timm_svb's zoo). Default: with --initial-checkpoint "
+        "RUN/model_*.safetensors the model (and --model-kwargs) that RUN/run.json names, else "
+        f"{DEFAULT_MODEL}",
+    )
     group.add_argument("--pretrained", action="store_true", help="start from the model's pretrained weights")
     group.add_argument(
         "--initial-checkpoint",
@@ -303,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this")
     group.add_argument("--epochs", type=int, default=4, help="epochs to train (the paper: 160)")
+    group.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N optimizer steps of the run in all (a smoke run on real data). The LR and SVB "
+        "schedules stay those of --epochs; the epoch in which step N falls is cut there, tested and recorded "
+        "(not checkpointed); run.json's status is then stopped_max_steps, and model_final is not written",
+    )
     group.add_argument(
         "--batch-size",
         type=int,
@@ -558,6 +576,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.set_defaults(**load_config_file(pre.config, parser))
     args = parser.parse_args(remaining)
     args.config = pre.config
+    if args.model is None:
+        _model_of_checkpoint(args)
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max-steps {args.max_steps}: takes a number of optimizer steps >= 1")
     if args.compile is True:  # `compile: true` in a YAML config
         args.compile = "inductor"
     if args.lr_base is not None:
@@ -565,6 +587,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("--lr and --lr-base both given: --lr-base computes --lr; pass one of them")
         args.lr = scaled_lr(args.lr_base, args.batch_size, args.lr_base_size, args.lr_base_scale, args.opt)
     return args
+
+
+def run_of_weights(path: str | os.PathLike | None) -> tuple[Path, dict[str, Any]] | None:
+    """The ``run.json`` beside weights that a run saved (``RUN/model_best.safetensors``) and what it holds;
+    ``None`` without one (weights from elsewhere)."""
+    if not path:
+        return None
+    record = Path(path).expanduser().parent / "run.json"
+    try:
+        run = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return (record, run) if isinstance(run, dict) and isinstance(run.get("model"), str) else None
+
+
+def _model_of_checkpoint(args: argparse.Namespace) -> None:
+    """No ``--model``: the one the run of ``--initial-checkpoint`` trained (its architecture kwargs under the
+    command line's ``--model-kwargs``; the classifier follows the new data set), else the default."""
+    named = run_of_weights(args.initial_checkpoint)
+    if named is None:
+        args.model = DEFAULT_MODEL
+        return
+    run = named[1]
+    recorded = {k: v for k, v in (run.get("model_kwargs") or {}).items() if k != "num_classes"}
+    args.model, args.model_kwargs = run["model"], {**recorded, **(args.model_kwargs or {})}
 
 
 def scaled_lr(lr_base: float, batch_size: int, lr_base_size: int, scale: str, opt: str) -> float:

@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script from anywhere
 
-from data import build_test_loader, digits_dataset  # noqa: E402
+from data import DataError, build_test_loader, digits_dataset  # noqa: E402
 from engine import evaluate  # noqa: E402
 from options import parse_args  # noqa: E402
 from trainer import TrainResult, fit  # noqa: E402
@@ -95,4 +95,7 @@ def run_in_process(argv: list[str]) -> TrainResult:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DataError as e:  # its message says what to do: one line, without the tracebacks behind it
+        raise SystemExit(f"error: {e}") from None

@@ -46,6 +46,7 @@ from data import (
     ImageData,
     TorchImageDataset,
     build_transforms,
+    check_hub_reachable,
     load_image_dataset,
     loader_kwargs,
     make_train_loader,
@@ -73,7 +74,7 @@ from memory_data import (
     plan_memory_path,
     split_nbytes,
 )
-from options import build_parser
+from options import build_parser, run_of_weights
 from rundir import (
     RunState,
     abandon_later_epochs,
@@ -125,6 +126,7 @@ RESUME_QUIET = (
     "resume",
     "output",
     "stop_after",
+    "max_steps",
     "progress",
     "log_interval",
     "log_with",
@@ -160,6 +162,7 @@ class TrainResult:
 def fit(args: Any) -> TrainResult:
     """Train as ``args`` (from :func:`options.parse_args`) says; see ``recipes/train.py --help``."""
     given = dict(vars(args))  # as parsed, before anything is resolved: recorded, and compared on resume
+    check_hub_reachable(args.dataset, args.data_dir)  # offline: refused at once, before the run folder exists
     setup = setup_run(args, given)
     data, num_classes = load_data(args, setup.accelerator)
     model, model_kwargs, frozen_bn = build_model(args, setup.accelerator, num_classes)
@@ -294,7 +297,7 @@ def build_model(
     if args.init == "orthogonal" and not args.pretrained:
         timm_svb.orthogonal_init_(model)
     if args.initial_checkpoint:
-        load_initial_checkpoint(model, args.initial_checkpoint)
+        load_initial_checkpoint(model, args.initial_checkpoint, args.model)
     if args.sync_bn and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     else:
@@ -651,6 +654,8 @@ class PreparedRun:
     ema: BoundedEMA | None  # --model-ema
     loaders: Loaders  # mixup and the loss of a training batch
     frozen_bn: list[nn.Module]  # a frozen backbone's BN layers, in eval mode while training
+    max_steps_hit: bool = False  # --max-steps stopped the run (train_epochs sets it)
+    cut_epoch: bool = False  # ... within an epoch: the last row is of a part of an epoch
 
 
 def prepare(
@@ -806,12 +811,13 @@ class RunRecord:
     def __init__(self, run_dir: Path, run: dict[str, Any], state: RunState, is_main: bool) -> None:
         self.run_dir, self.run, self.state, self.is_main = run_dir, run, state, is_main
 
-    def write(self, status: str) -> None:
-        """Record the run's progress with ``status`` (``running``, ``stopped``, ``finished``)."""
+    def write(self, status: str, completed_epochs: int | None = None) -> None:
+        """Record the run's progress with ``status`` (``running``, ``stopped``, ``stopped_max_steps``,
+        ``finished``) and its whole epochs (default: those of its rows)."""
         if not self.is_main:
             return
         self.run["status"] = status
-        self.run["completed_epochs"] = self.state.epoch
+        self.run["completed_epochs"] = self.state.epoch if completed_epochs is None else completed_epochs
         # SVB applications so far, which the publisher's model card states (None: no SVB)
         last = self.state.history[-1] if self.state.history else {}
         self.run["svb_applied_total"] = (
@@ -917,7 +923,22 @@ def train_epochs(
     stop_at = args.epochs if args.stop_after is None else min(args.epochs, run.start_epoch + args.stop_after)
     channels_last = _channels_last(args, accelerator)
     ema_svb = run.ema.svb if run.ema is not None else None
+    if args.max_steps is not None and args.max_steps < args.epochs * run.steps_per_epoch:
+        _logger.info(
+            "--max-steps %d: stops in epoch %d of %d (%d steps an epoch); the LR and SVB schedules stay "
+            "those of %d epochs",
+            args.max_steps,
+            math.ceil(args.max_steps / run.steps_per_epoch),
+            args.epochs,
+            run.steps_per_epoch,
+            args.epochs,
+        )
     for epoch in range(run.start_epoch, stop_at):
+        left = None if args.max_steps is None else args.max_steps - epoch * run.steps_per_epoch
+        if left is not None and left <= 0:
+            run.max_steps_hit = True
+            break
+        cut = left is not None and left < run.steps_per_epoch
         run.train_loader.set_epoch(epoch)
         lr = getattr(run.scheduler, "scheduler", run.scheduler).base_lr  # inside Accelerate's wrapper
         applied_before = svb.num_applied if svb is not None else 0
@@ -940,6 +961,7 @@ def train_epochs(
             channels_last=channels_last,
             progress=args.progress,
             log_interval=args.log_interval,
+            max_steps=left if cut else None,
         )
         tested = {"": run.model} if run.ema is None else {"": run.model, "ema_": run.ema.module}
         if accelerator.num_processes > 1 and args.dist_bn != "none":
@@ -970,12 +992,16 @@ def train_epochs(
                 ema_svb_sv_max=_solved_extreme(stats.sv_max) if stats else None,
             )
         new_best = run.state.record(row)
-        save_checkpoint(accelerator, run.run_dir, epoch + 1, args.checkpoint_hist)
+        if not cut:  # a resumed run starts at an epoch's beginning: a cut epoch is not checkpointed
+            save_checkpoint(accelerator, run.run_dir, epoch + 1, args.checkpoint_hist)
         if accelerator.is_main_process:
             for name in new_best:
                 save_weights(_weights_of(run, name), run.run_dir / f"model_{name}.safetensors")
-        record.write("running")
         _log_epoch(args, accelerator, run, svb, row, epoch)
+        if cut:
+            run.max_steps_hit = run.cut_epoch = True
+            break
+        record.write("running")
 
 
 def _svb_row(svb: RecordingSVB, applied_before: int) -> dict[str, Any]:
@@ -1055,12 +1081,13 @@ def finish(
     """After the last epoch: ``model_final.safetensors`` (and ``model_final_ema``) and ``spectra.png``; the
     record's final status; the trackers closed; the test error and the run folder printed."""
     state = run.state
-    finished = state.epoch >= args.epochs
+    finished = state.epoch >= args.epochs and not run.max_steps_hit
     if accelerator.is_main_process and finished:
         for name in ("final", "final_ema") if run.ema is not None else ("final",):
             save_weights(_weights_of(run, name), run.run_dir / f"model_{name}.safetensors")
         plot_spectra({args.model: model_spectrum(run.plain)}, run.run_dir / "spectra.png", _band_epsilon(svb))
-    record.write("finished" if finished else "stopped")
+    status = "finished" if finished else "stopped_max_steps" if run.max_steps_hit else "stopped"
+    record.write(status, completed_epochs=state.epoch - run.cut_epoch)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if finished and state.history:
@@ -1075,6 +1102,9 @@ def finish(
                 else ""
             )
         )
+    elif run.max_steps_hit:
+        where = f"{'in' if run.cut_epoch else 'after'} epoch {state.epoch} of {args.epochs}"
+        accelerator.print(f"stopped by --max-steps {args.max_steps} {where}")
     elif not finished:
         accelerator.print(f"stopped after epoch {state.epoch} of {args.epochs}; continue with --resume")
     accelerator.print(f"run folder: {run.run_dir}")
@@ -1153,19 +1183,32 @@ def _model_kwargs(args: Any, num_classes: int) -> dict[str, Any]:
     return kwargs
 
 
-def load_initial_checkpoint(model: nn.Module, path: str) -> None:
-    """Load weights for fine-tuning; classifier tensors of another shape are dropped (a new head)."""
+def load_initial_checkpoint(model: nn.Module, path: str, name: str) -> None:
+    """Load weights for fine-tuning into ``model`` (timm's ``name``); classifier tensors of another shape are
+    dropped (a new head). Logs whether the classifier was kept; a refusal names the model that ``run.json``
+    beside the weights says they are (or asks for ``--model``)."""
     state = plain_state_dict(timm.models.load_state_dict(path, weights_only=True))
     own = model.state_dict()
     classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
     prefixes = (
         tuple(classifier) if isinstance(classifier, (list, tuple)) else ((classifier,) if classifier else ())
     )
+    named = run_of_weights(path)
+    if named is None:
+        hint = "no run.json beside them names their model: pass the --model (and --model-kwargs) they were "
+        hint += "trained with"
+    else:
+        record, run = named
+        kwargs = {k: v for k, v in (run.get("model_kwargs") or {}).items() if k != "num_classes"}
+        hint = (
+            f"{record} says they are {run['model']} with model kwargs {kwargs}: leave --model out to take "
+            "both from there, or pass them"
+        )
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     wrong = [k for k in mismatched if not k.startswith(prefixes)]
     if wrong:
         raise SystemExit(
-            f"--initial-checkpoint {path}: shapes differ for {wrong[:5]} (another architecture?)"
+            f"--initial-checkpoint {path} does not fit {name}: shapes differ for {wrong[:5]}; {hint}"
         )
     for k in mismatched:
         del state[k]
@@ -1173,10 +1216,14 @@ def load_initial_checkpoint(model: nn.Module, path: str) -> None:
     missing = [k for k in missing if k not in mismatched]
     if missing or unexpected:
         raise SystemExit(
-            f"--initial-checkpoint {path}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
+            f"--initial-checkpoint {path} does not fit {name}: missing keys {missing[:5]}, unexpected keys "
+            f"{unexpected[:5]}; {hint}"
         )
+    source = f" ({name}, as {named[0]} names)" if named is not None and named[1]["model"] == name else ""
     if mismatched:
-        _logger.info("initial checkpoint: new classifier (%s)", ", ".join(mismatched))
+        _logger.info("initial checkpoint %s%s: new classifier (%s)", path, source, ", ".join(mismatched))
+    else:
+        _logger.info("initial checkpoint %s%s: classifier kept (the same number of classes)", path, source)
 
 
 def _svb_settings(args: Any, model: nn.Module) -> dict[str, Any] | None:

@@ -336,6 +336,80 @@ def test_unreachable_hub_dataset_says_what_to_do(monkeypatch: pytest.MonkeyPatch
         load_image_dataset("uoft-cs/cifar10")
 
 
+@pytest.fixture
+def no_hub_requests(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Fails the test on any Hub request or backoff sleep (datasets retries an unreachable Hub with sleeps);
+    returns the hosts that the reachability check tried to connect to (each connection refused)."""
+    import time
+
+    tried: list[str] = []
+
+    def refuse(address: tuple[str, int], timeout: float | None = None) -> Any:
+        tried.append(address[0])
+        raise OSError("Name or service not known")
+
+    def no_request(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr("socket.create_connection", refuse)
+    monkeypatch.setattr(time, "sleep", lambda *a: pytest.fail("a retry backed off"))
+    monkeypatch.setattr("datasets.load_dataset_builder", no_request)
+    monkeypatch.setattr("datasets.load_dataset", no_request)
+    return tried
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_unreachable_hub_fails_at_once_without_a_run_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_hub_requests: list[str], offline: bool
+) -> None:
+    """Hub unreachable (one connection refused) or offline mode (the set not cached): one DataError saying
+    what to do, before the run folder exists and without a request or a retry."""
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", offline)
+
+    def not_cached(name: str) -> Any:
+        no_hub_requests.append("cache")
+        raise FileNotFoundError(name)
+
+    if offline:  # offline, only the cache is read: an empty one
+        monkeypatch.setattr(recipe_data, "_split_files", not_cached)
+    run = tmp_path / "run"
+    expected = "not in the Hugging Face cache and offline" if offline else "Hub, which is unreachable"
+    says = f"'uoft-cs/cifar10' .*{expected}.* Pass --data-dir DIR with a local copy"
+    with pytest.raises(DataError, match=says):
+        run_recipe(["--dataset", "uoft-cs/cifar10", "--output", str(run)])
+    assert not run.exists()
+    assert no_hub_requests == (["cache"] if offline else ["huggingface.co"])
+    # local data needs no Hub
+    recipe_data.check_hub_reachable("uoft-cs/cifar10", data_dir=str(tmp_path))
+    recipe_data.check_hub_reachable(DIGITS)
+
+
+@pytest.mark.slow
+def test_offline_command_line_says_one_line(tmp_path: Path) -> None:
+    """``python recipes/train.py -c table2_...`` offline: exit status 1, one line on stderr that says what to
+    do, no traceback, no run folder."""
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    env.pop("HF_DATASETS_CACHE", None)
+    done = subprocess.run(
+        [sys.executable, str(RECIPES / "train.py"), "-c", "table2_wrn28_10_cifar10_svb_bbn"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,  # a sanity cap, not a speed check: that is the in-process test's no-retry assertion
+        check=False,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: data set 'uoft-cs/cifar10'"), done.stderr
+    assert "--data-dir DIR" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+    assert [p.name for p in tmp_path.iterdir() if p.name != "hf"] == []  # no runs/
+
+
 def test_malformed_datasets_are_explained(tmp_path: Path) -> None:
     import datasets
 
@@ -815,6 +889,88 @@ def test_fine_tune_from_initial_checkpoint(tmp_path: Path, cifar_like: Path) -> 
     # lr 0: the convolutions are the checkpoint's (BN statistics moved on); the new classifier has 6 outputs
     assert torch.equal(before["stem.conv.weight"], after["stem.conv.weight"].contiguous())
     assert after["fc.weight"].shape[0] == 6
+
+
+def test_fine_tune_takes_the_model_from_run_json(
+    tmp_path: Path, cifar_like: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No --model: the run.json beside --initial-checkpoint names the model and its kwargs (logged); the
+    classifier is kept for the same number of classes and replaced for another, and each is logged; weights
+    without a run.json, or a --model they do not fit, are refused naming what to pass."""
+    common = [*"--epochs 1 --batch-size 8 --checkpoint-hist 0 --no-svb --lr 0 --sched const".split()]
+    common += ["--data-dir", str(cifar_like)]
+    run_recipe(
+        [*common, "--model", "convnet20", "--model-kwargs", "depth_x=1", "--output", str(tmp_path / "a")]
+    )
+    weights = tmp_path / "a" / "model_final.safetensors"
+    record = tmp_path / "a" / "run.json"
+    for name, more in (("same", []), ("more", ["--num-classes", "6"])):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="recipes.train"):
+            tuned = run_recipe(
+                [*common, *more, "--initial-checkpoint", str(weights), "--output", str(tmp_path / name)]
+            )
+        run = json.loads((tmp_path / name / "run.json").read_text())
+        assert (run["model"], run["model_kwargs"]["depth_x"]) == ("convnet20", 1)
+        assert run["args"]["model"] == "convnet20"
+        head = load_weights(weights)["fc.weight"]
+        logged = f"initial checkpoint {weights} (convnet20, as {record} names): "
+        if name == "same":
+            assert torch.equal(tuned.model.state_dict()["fc.weight"], head)
+            assert logged + "classifier kept (the same number of classes)" in caplog.text
+        else:
+            assert (
+                tuned.model.num_classes == 6 and logged + "new classifier (fc.bias, fc.weight)" in caplog.text
+            )
+    wrong = [*common, "--initial-checkpoint", str(weights), "--output", str(tmp_path / "wrong")]
+    with pytest.raises(
+        SystemExit, match=rf"{record} says they are convnet20 with model kwargs .*'depth_x': 1"
+    ):
+        run_recipe([*wrong, "--model", "convnet20_svb"])
+    alone = tmp_path / "elsewhere" / "weights.safetensors"
+    alone.parent.mkdir()
+    shutil.copy(weights, alone)
+    bare = [*common, "--initial-checkpoint", str(alone), "--output", str(tmp_path / "bare")]
+    with pytest.raises(SystemExit, match="no run.json beside them names their model: pass the --model"):
+        run_recipe(bare)
+
+
+def test_max_steps_cuts_the_run_and_keeps_the_epochs_schedules(tmp_path: Path, cifar_like: Path) -> None:
+    """--epochs 3 --max-steps 6 at 4 steps an epoch: 6 optimizer steps at the LRs of the 3-epoch schedule, SVB
+    after each (its schedule is the 3 epochs'), epoch 2 cut, tested and recorded but not checkpointed; status
+    stopped_max_steps, no final weights; --resume without the cap finishes from epoch 1's checkpoint. A cap on
+    an epoch's end checkpoints it; a cap past the run's steps changes nothing."""
+    args = "--epochs 3 --batch-size 4 --lr 0.1 --svb-every 1 --svb-skip-last 0 --no-svb-skip-final-epoch"
+    out = tmp_path / "cut"
+    with optimizer_groups() as steps:
+        cut = run_recipe(
+            [*args.split(), "--max-steps", "6", "--data-dir", str(cifar_like), "--output", str(out)]
+        )
+    lrs = [lr_at_epoch(e, lr=0.1, epochs=3) for e in (0, 1)]
+    assert [step[0]["lr"] for step in steps] == pytest.approx([lrs[0]] * 4 + [lrs[1]] * 2, rel=1e-12)
+    assert cut.svb_steps == list(range(1, 13)) and cut.svb.num_applied == 6 and not cut.finished
+    run = json.loads((out / "run.json").read_text())
+    assert (run["status"], run["completed_epochs"], run["svb_applied_total"]) == ("stopped_max_steps", 1, 6)
+    assert [r["epoch"] for r in read_summary(out)] == ["1", "2"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001"]
+    assert not (out / "model_final.safetensors").exists() and (out / "model_best.safetensors").exists()
+    resumed = run_recipe([*args.split(), "--resume", "--output", str(out), "--data-dir", str(cifar_like)])
+    assert (
+        resumed.finished
+        and resumed.start_epoch == 1
+        and [r["epoch"] for r in read_summary(out)] == list("123")
+    )
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    for cap, status, done in ((8, "stopped_max_steps", 2), (12, "finished", 3)):
+        out = tmp_path / str(cap)
+        run_recipe(
+            [*args.split(), "--max-steps", str(cap), "--data-dir", str(cifar_like), "--output", str(out)]
+        )
+        run = json.loads((out / "run.json").read_text())
+        assert (run["status"], run["completed_epochs"]) == (status, done)
+        assert f"epoch_{done:04d}" in {p.name for p in (out / "checkpoints").iterdir()}
+    with pytest.raises(SystemExit):
+        parse_args(["--max-steps", "0"])
 
 
 def test_warmup_rises_every_step(tmp_path: Path, cifar_like: Path) -> None:
