@@ -1,6 +1,5 @@
-"""The README's fine-tuning walk-through, run as written, offline on the CPU: the embedded default (the
-session's shared digits run), a generated data set of another number of classes, fine-tuning with RandAugment,
-mixup and EMA, validating, plotting."""
+"""The README's fine-tuning walk-through, run as written, offline on the CPU: the weights the package ships,
+listed and fine-tuned on the digits with RandAugment, mixup and EMA, validated, plotted."""
 
 from __future__ import annotations
 
@@ -10,11 +9,15 @@ import shlex
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
 from recipe_helpers import REPO, one_thread, optimizer_groups, recipe_validate, train  # noqa: F401
 
 from timm_svb import curves
+from timm_svb.models._pretrained import shipped_weights_path
 
 HEADING = "### Fine-tuning walk-through"
+SHIPPED = "preact_resnet20_svb.c10jpeg"
 
 
 def readme_commands(heading: str) -> list[str]:
@@ -27,17 +30,17 @@ def readme_commands(heading: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_readme_fine_tuning_walk_through(digits_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_readme_fine_tuning_walk_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     commands = [shlex.split(c) for c in readme_commands(HEADING)]
-    # step 1 is the README's main command (the session's run of `python recipes/train.py`) into runs/digits
-    assert commands[0] == ["python", "recipes/train.py", "--output", "runs/digits"]
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs").mkdir()
-    (tmp_path / "runs" / "digits").symlink_to(digits_run.run_dir)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tuned = validated = None
-    for argv in commands[1:]:
+    for argv in commands:
         if argv[:2] == ["python", "-c"]:
             exec(argv[2], {})  # noqa: S102  (the README's own one-liner)
+            assert SHIPPED in capsys.readouterr().out
         elif argv[:2] == ["python", "recipes/train.py"]:
             with optimizer_groups() as steps:
                 tuned = train.run_in_process([*argv[2:], "--no-progress"])
@@ -49,12 +52,17 @@ def test_readme_fine_tuning_walk_through(digits_run, tmp_path: Path, monkeypatch
             raise AssertionError(f"the walk-through runs something this test does not: {argv}")
     assert tuned is not None and validated is not None
     run = json.loads((tuned.run_dir / "run.json").read_text())
-    # the digits checkpoint (10 classes) fine-tuned on 6 classes, with RandAugment, mixup and an EMA
-    assert run["num_classes"] == 6 and run["recipe"]["initial_checkpoint"].endswith("model_best.safetensors")
+    # the shipped weights (10 classes) fine-tuned on the digits' 10, with RandAugment, mixup and an EMA
+    assert run["model"] == SHIPPED and run["recipe"]["pretrained"] and run["num_classes"] == 10
+    assert run["dataset"]["name"] == "sklearn-digits"
     assert (
         run["recipe"]["aa"].startswith("rand-") and run["recipe"]["mixup"] > 0 and run["recipe"]["model_ema"]
     )
-    assert tuned.model.fc.weight.shape[0] == 6 and tuned.ema is not None
+    assert tuned.ema is not None and tuned.svb is not None and tuned.svb.num_applied > 0
+    # the shipped classifier (as many classes) was kept and trained
+    shipped = safetensors.torch.load_file(str(shipped_weights_path(SHIPPED)))
+    assert tuned.model.fc.weight.shape == shipped["fc.weight"].shape
+    assert not torch.equal(tuned.model.fc.weight.detach(), shipped["fc.weight"])
     # fine-tuning: no weight decay on 1-D tensors (BN, biases); the new head at --head-lr-scale
     scale = run["recipe"]["head_lr_scale"]
     assert run["recipe"]["filter_bias_and_bn"] is True and scale > 1

@@ -123,9 +123,15 @@ def _record_source() -> Path:
     return Path(override) if override else Path(str(resources.files(__package__).joinpath(PUBLISHED_FILE)))
 
 
-RECORD_SOURCE = _record_source()
+def _load_published() -> dict[str, dict]:
+    """Read and validate the record (:func:`_record_source`)."""
+    source = _record_source()
+    return parse_record(source.read_text(encoding="utf-8"), str(source))
+
+
+RECORD_SOURCE = _record_source()  # shipped weights lie beside it
 # "model_name.tag" -> {"hf_hub_id", "revision" | "package_file", "sha256", "metrics", "svb_config"[, ...]}
-PUBLISHED: dict[str, dict] = parse_record(RECORD_SOURCE.read_text(encoding="utf-8"), str(RECORD_SOURCE))
+PUBLISHED: dict[str, dict] = _load_published()
 
 
 def shipped_weights_path(name: str) -> Path:
