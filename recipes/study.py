@@ -117,8 +117,11 @@ def report(study: str, results: Path) -> Path:
     runs = sorted(p.parent for p in folder.glob("*/run.json"))
     if not runs:
         raise SystemExit(f"no finished runs under {folder}")
+    first = json.loads((runs[0] / "run.json").read_text(encoding="utf-8"))
+    cores = json.loads((runs[0] / "machine.json").read_text(encoding="utf-8"))["cores"]
+    label = f"CIFAR-10 (JPEG q75 copy), {first['epochs']} epochs, {cores} CPU cores"
     lines = [
-        f"# {study}: top-1 test error (%), CIFAR-10 (JPEG q75 copy)",
+        f"# {study}: top-1 test error (%), {label}",
         "",
         "| arm | seeds | epochs | train images | final (mean +- std) | best (mean +- std) "
         "| per seed: final / best | wall time per run (min) | machine |",
@@ -152,7 +155,7 @@ def report(study: str, results: Path) -> Path:
     ]
     table = folder / "table.md"
     table.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    plot_curves(runs, folder / "curves.png", title=f"{study}: CIFAR-10 (JPEG q75 copy)")
+    plot_curves(runs, folder / "curves.png", title=f"{study}: {label}")
     return table
 
 

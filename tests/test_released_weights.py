@@ -5,7 +5,6 @@ reproduces its recorded test error on the CIFAR-10 JPEG copy's test split exactl
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -66,7 +65,9 @@ def test_every_path_loads_exactly_the_shipped_file(name: str) -> None:
     expected = safetensors.torch.load_file(str(shipped_weights_path(name)))
     for path, model in _paths(name).items():
         state = model.state_dict()
-        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state), path
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state), (
+            path
+        )
 
 
 @pytest.mark.slow
