@@ -355,3 +355,17 @@ def test_help_lists_the_new_options_in_groups(capsys: pytest.CaptureFixture[str]
         section = text[starts[title] : min(following)]
         for option in options:
             assert option in section, (title, option)
+
+
+def test_randaugment_at_full_magnitude_runs_with_the_installed_pillow() -> None:
+    """``--aa rand-m9-mstd0.5-inc1`` draws magnitudes up to 10, where timm's posterize keeps 0 bits: the
+    Pillow the package pins must take it (Pillow 13 raises mid-epoch), for every op of the policy."""
+    from PIL import Image  # noqa: PLC0415
+    from timm.data.auto_augment import posterize, rand_augment_transform  # noqa: PLC0415
+
+    image = Image.new("RGB", (32, 32), (200, 100, 50))
+    assert posterize(image, 0).getpixel((0, 0)) == (0, 0, 0)
+    transform = rand_augment_transform("rand-m10-n15-inc1", {})  # every op at the top magnitude
+    for op in transform.ops:
+        op.prob = 1.0
+    transform(image)
