@@ -900,6 +900,24 @@ def test_sha256_is_checked_at_the_recorded_commit_only(
     timm.create_model(f"hf-hub:{REPO_ID}@{other}", pretrained=True)
 
 
+def run_with_record(script: str, record: Path, cache: Path, tmp_path: Path, *args: str) -> dict[str, Any]:
+    """``script ARGS`` in a fresh offline process with the record ``record`` and the Hub cache ``cache``;
+    the JSON object its last line prints."""
+    env = child_env(
+        HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "home"), TIMM_SVB_PUBLISHED_RECORD=str(record)
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 _LOAD_SCRIPT = """
 import json, sys
 import safetensors.torch, timm, torch
@@ -959,18 +977,15 @@ def test_pretrained_from_record_on_every_path_with_tamper_checks(
     repo = place_in_hf_cache(files, REPO_ID, entry["revision"], cache)
     blob = repo / "blobs" / entry["sha256"]
     assert blob.is_file()
-    env = child_env(HF_HUB_CACHE=str(cache), HF_HOME=str(tmp_path / "home"))
-    env["TIMM_SVB_PUBLISHED_RECORD"] = str(pushed["record"])
-    proc = subprocess.run(
-        [sys.executable, "-c", _LOAD_SCRIPT, NAME, str(tiny_run / "model_best.safetensors"), str(blob)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
+    out = run_with_record(
+        _LOAD_SCRIPT,
+        pushed["record"],
+        cache,
+        tmp_path,
+        NAME,
+        str(tiny_run / "model_best.safetensors"),
+        str(blob),
     )
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["listed"] == [NAME] and out["hf_hub_id"] == f"{REPO_ID}@{entry['revision']}"
     for key in ("tagged", "default_tag", "hf_hub_pinned", "hf_hub_main", "load_pretrained"):
         assert out[key] is True, key
@@ -1034,18 +1049,14 @@ def test_in_package_ships_records_and_loads_offline(tiny_run: Path, tmp_path: Pa
         "model.safetensors",
         "README.md",
     }
-    env = child_env(HF_HUB_CACHE=str(tmp_path / "empty_cache"), HF_HOME=str(tmp_path / "home"))
-    env["TIMM_SVB_PUBLISHED_RECORD"] = str(record)
-    proc = subprocess.run(
-        [sys.executable, "-c", _SHIPPED_LOAD_SCRIPT, NAME, str(tiny_run / "model_best.safetensors")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
+    out = run_with_record(
+        _SHIPPED_LOAD_SCRIPT,
+        record,
+        tmp_path / "empty_cache",
+        tmp_path,
+        NAME,
+        str(tiny_run / "model_best.safetensors"),
     )
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["listed"] == [NAME] and out["file"] == str(shipped)
     assert out["tagged"] is True and out["default_tag"] is True
     assert out["tampered"].startswith("PretrainedWeightsIntegrityError") and "Reinstall" in out["tampered"]
