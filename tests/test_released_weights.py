@@ -23,7 +23,7 @@ CIFAR_COPY = REPO.parent / "shared" / "data" / "cifar10-jpeg"
 
 def test_the_first_weights_are_shipped() -> None:
     """Issue 19: at least the SVB(+BBN) ConvNet-20 and pre-act ResNet-20 of the CPU-scale studies."""
-    assert {"preact_resnet20_svb.c10jpeg"} <= set(SHIPPED)
+    assert {"convnet20_svb.c10jpeg", "preact_resnet20_svb.c10jpeg"} <= set(SHIPPED)
     assert timm.list_pretrained("*svb*") == sorted(n for n in PUBLISHED if "svb" in n)
 
 
