@@ -148,10 +148,6 @@ class MemorySplit:
     images: torch.Tensor
     labels: torch.Tensor
 
-    @property
-    def nbytes(self) -> int:
-        return self.images.numel() * self.images.element_size() + self.labels.numel() * 8
-
     def to(self, device: torch.device | str) -> MemorySplit:
         return MemorySplit(self.images.to(device), self.labels.to(device))
 
