@@ -7,11 +7,12 @@
 
 A study is the configs ``recipes/configs/<study>_*.yaml`` (one per arm); each arm runs once per seed, in
 ``--runs/<study>/<arm>_s<seed>`` (``recipes/train.py -c <config> --seed S``, its log in ``train.log`` there).
-A finished run is skipped, a stopped one resumed (``--resume``), so the same command continues a study that
-was cut short. After every finished run, its ``summary.csv``, ``args.yaml`` and ``run.json`` (no weights)
-are copied to ``--results/<study>/<arm>_s<seed>/`` with ``machine.json`` (the CPU, its cores and torch's
-threads), and ``--results/<study>/table.md`` (final and best top-1 test error, mean +- std over seeds, epochs,
-wall time) and ``curves.png`` (the test-error curves of every run, :mod:`timm_svb.curves`) are rewritten.
+A run whose record is in ``--results`` (or whose run folder says it finished) is skipped, a stopped one
+resumed (``--resume``), so the same command continues a study that was cut short, also in a fresh checkout.
+After every finished run, its ``summary.csv``, ``args.yaml`` and ``run.json`` (no weights) are copied to
+``--results/<study>/<arm>_s<seed>/`` with ``machine.json`` (the CPU, its cores and torch's threads), and
+``--results/<study>/table.md`` (final and best top-1 test error, mean +- std over seeds, epochs, wall time)
+and ``curves.png`` (the test-error curves of every run, :mod:`timm_svb.curves`) are rewritten.
 """
 
 from __future__ import annotations
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             for arm, config in configs.items():
                 run_dir = args.runs / args.study / f"{arm}_s{seed}"
                 result_dir = args.results / args.study / run_dir.name
+                if (result_dir / "run.json").is_file():
+                    continue  # finished and kept (on this machine or another): not trained again
                 if run_status(run_dir) != "finished":
                     print(f"{run_dir}: training ({config.name}, seed {seed})", flush=True)
                     train(config, seed, run_dir, extra)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,9 +49,12 @@ def test_study_trains_resumes_skips_and_reports(tmp_path: Path) -> None:
         "CIFAR-10 (JPEG q75 copy)" in table and "| sgd | 0 | 2 | 16 |" in table and "| svb_bbn | 0 |" in table
     )
     assert (results / "curves.png").stat().st_size > 0
-    # finished runs are skipped: nothing trains again
+    # finished runs are skipped: nothing trains again, also without their run folders (a fresh checkout)
     again = study(tmp_path, *extra)
     assert again.returncode == 0 and "training" not in again.stdout
+    shutil.rmtree(tmp_path / "runs")
+    fresh = study(tmp_path, *extra)
+    assert fresh.returncode == 0 and "training" not in fresh.stdout and not (tmp_path / "runs").exists()
 
 
 def test_unknown_study_and_arm_are_named(tmp_path: Path) -> None:
