@@ -113,15 +113,7 @@ def ship_weights(folder: str | os.PathLike[str], record: str | os.PathLike[str],
     sha256."""
     target = Path(record).parent / package_file_of(name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".weights-", suffix=".safetensors")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write((Path(folder) / WEIGHTS_FILENAME).read_bytes())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _replace_atomically(target, (Path(folder) / WEIGHTS_FILENAME).read_bytes(), 0o644)
     return target
 
 
@@ -133,16 +125,22 @@ def write_record(path: str | os.PathLike[str], name: str, entry: dict[str, Any])
     with FileLock(_lock_file(path)):
         record = read_record(path)
         record[name] = entry
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".published-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(record, f, indent=2, sort_keys=True)
-                f.write("\n")
-            os.chmod(tmp, path.stat().st_mode & 0o7777)  # mkstemp makes 0600: others could not import
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+        _replace_atomically(path, text.encode("utf-8"), path.stat().st_mode & 0o7777)
+
+
+def _replace_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` with ``mode`` through a temporary file beside it and a rename: a reader sees
+    the old file or the whole new one (mkstemp makes 0600: others could not import it, hence ``mode``)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _lock_file(path: Path) -> Path:
