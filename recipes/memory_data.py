@@ -227,7 +227,9 @@ def _decode(
 # ------------------------------------------------------------------------------------------ batches
 
 
-def crop_flip(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor, padding: int):
+def crop_flip(
+    images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor, padding: int
+) -> torch.Tensor:
     """Zero-pad ``images`` (``(B, C, H, W)``) by ``padding`` on every side, crop ``H x W`` at ``(top[i],
     left[i])`` of the padded image ``i`` (``0 <= top, left <= 2 * padding``) and mirror it left-right where
     ``flip[i]``: torchvision's ``RandomCrop(padding=padding)`` then ``hflip``, one gather for the batch."""
