@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,12 +38,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-
-import train  # noqa: E402
-from data import make_synthetic_dataset  # noqa: E402
-
-import timm_svb  # noqa: E402, F401  (registers the zoo)
+import timm_svb  # noqa: F401  (registers the zoo)
+from timm_svb.recipe.data import make_synthetic_dataset
+from timm_svb.recipe.trainer import run_in_process
 
 SMALL = {"model": "convnet20", "batch_size": 16, "steps": 4, "model_kwargs": ["depth_x=1"], "data": None}
 CIFAR_COPY = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
@@ -118,7 +114,7 @@ def recipe_run(
         ]
     else:
         argv += ["--no-svb"]
-    result = train.run_in_process(argv)
+    result = run_in_process(argv)
     row = result.state.history[-1]
     return row["images_per_s"], row.get("svb_applied") or 0
 

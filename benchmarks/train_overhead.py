@@ -21,21 +21,16 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-
-from engine import RecipeLR, RecordingSVB, train_one_epoch  # noqa: E402
-from trainer import make_accelerator  # noqa: E402
-
-import timm_svb  # noqa: E402, F401  (registers the zoo)
+import timm_svb  # noqa: F401  (registers the zoo)
+from timm_svb.recipe.loop import RecipeLR, RecordingSVB, train_one_epoch
+from timm_svb.recipe.trainer import make_accelerator
 
 
 class GeneratedImages(Dataset):

@@ -221,14 +221,20 @@ MUTANTS: tuple[Mutant, ...] = (
         name="resume-forgets-best-ema",
         breaks="a resumed run forgets the EMA's best epoch: a worse EMA overwrites model_best_ema",
         tests=("tests/test_recipe.py::test_run_state_keeps_the_best_ema_across_a_checkpoint",),
-        edits=(("recipes/rundir.py", 'self.best_ema = state.get("best_ema")', "self.best_ema = None"),),
+        edits=(
+            ("timm_svb/recipe/rundir.py", 'self.best_ema = state.get("best_ema")', "self.best_ema = None"),
+        ),
     ),
     Mutant(
         name="ema-steps-restart-each-epoch",
         breaks="the EMA's step count restarts every epoch: the warm-up of its decay repeats",
         tests=("tests/test_recipe.py::test_the_ema_counts_steps_over_the_whole_run",),
         edits=(
-            ("recipes/engine.py", "ema.update(step=epoch * (total or 0) + steps)", "ema.update(step=steps)"),
+            (
+                "timm_svb/recipe/loop.py",
+                "ema.update(step=epoch * (total or 0) + steps)",
+                "ema.update(step=steps)",
+            ),
         ),
     ),
     Mutant(
@@ -237,7 +243,7 @@ MUTANTS: tuple[Mutant, ...] = (
         tests=("tests/test_recipe.py::test_the_emas_svb_leaves_excluded_and_frozen_layers_alone",),
         edits=(
             (
-                "recipes/trainer.py",
+                "timm_svb/recipe/trainer.py",
                 "svb.bbn_epsilon, exclude=_svb_exclude(args, copy), bbn_mode",
                 "svb.bbn_epsilon, exclude=(), bbn_mode",
             ),
@@ -249,7 +255,7 @@ MUTANTS: tuple[Mutant, ...] = (
         tests=("tests/test_recipe.py::test_plain_state_dict_drops_wrapper_prefixes",),
         edits=(
             (
-                "recipes/rundir.py",
+                "timm_svb/recipe/rundir.py",
                 """    while state:
         prefix = next((p for p in ("_orig_mod.", "module.") if all(k.startswith(p) for k in state)), None)
         if prefix is None:
@@ -267,13 +273,15 @@ MUTANTS: tuple[Mutant, ...] = (
         name="mixup-mode-ignored",
         breaks="--mixup-mode is ignored: always batch mode",
         tests=("tests/test_recipe.py::test_mixup_mode_is_used",),
-        edits=(("recipes/trainer.py", "mode=args.mixup_mode,", 'mode="batch",'),),
+        edits=(("timm_svb/recipe/trainer.py", "mode=args.mixup_mode,", 'mode="batch",'),),
     ),
     Mutant(
         name="cosine-ignores-warmup-offset",
         breaks="the cosine schedule counts from epoch 0, not the end of warm-up: it starts below the peak",
         tests=("tests/test_recipe.py::test_cosine_schedule_starts_at_the_peak_after_warmup",),
-        edits=(("recipes/engine.py", "t = min(e - warmup_epochs, span) / span", "t = min(e, span) / span"),),
+        edits=(
+            ("timm_svb/recipe/loop.py", "t = min(e - warmup_epochs, span) / span", "t = min(e, span) / span"),
+        ),
     ),
     Mutant(
         name="record-written-without-lock",

@@ -14,9 +14,8 @@ from collections import defaultdict
 import memory_data
 import safetensors.torch
 import torch
-import trainer
 from accelerate import PartialState
-from recipe_helpers import FAST, recipe_data, train
+from recipe_helpers import FAST, recipe_data, recipe_trainer
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import RandomCrop
 
@@ -28,7 +27,7 @@ def observe() -> None:
     get_params, getitem = RandomCrop.get_params, recipe_data.TorchImageDataset.__getitem__
     no_sync = DistributedDataParallel.no_sync
     stream_iter = recipe_data.StreamingImages.__iter__
-    summary = trainer.spectrum_summary
+    summary = recipe_trainer.spectrum_summary
     crop_flip, getitems = memory_data.crop_flip, memory_data._BatchedImages.__getitems__
 
     def crop_params(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -63,7 +62,7 @@ def observe() -> None:
         SEEN["spectrum_summary"].append(1)
         return summary(*args, **kwargs)
 
-    trainer.spectrum_summary = counted_summary
+    recipe_trainer.spectrum_summary = counted_summary
     RandomCrop.get_params = staticmethod(crop_params)
     recipe_data.TorchImageDataset.__getitem__ = item
     memory_data.crop_flip = batch_crops
@@ -75,7 +74,7 @@ def observe() -> None:
 def run(argv: list[str]) -> dict:
     """One recipes/train.py run in this process; what it ended with and what this rank saw meanwhile."""
     SEEN.clear()
-    result = train.run_in_process([*argv, *FAST])
+    result = recipe_trainer.run_in_process([*argv, *FAST])
     return {
         "state": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
         "ema_state": {k: v.detach().clone() for k, v in result.ema.module.state_dict().items()},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,17 +13,14 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
-if str(RECIPES) not in sys.path:
-    sys.path.insert(0, str(RECIPES))
 
-import data as recipe_data  # noqa: E402
-import engine as recipe_engine  # noqa: E402
-import memory_data as recipe_memory_data  # noqa: E402
-import options as recipe_options  # noqa: E402
-import rundir as recipe_rundir  # noqa: E402
-import train  # noqa: E402
-import trainer as recipe_trainer  # noqa: E402
-import validate as recipe_validate  # noqa: E402
+from timm_svb.recipe import data as recipe_data  # noqa: E402
+from timm_svb.recipe import loop as recipe_loop  # noqa: E402
+from timm_svb.recipe import memory_data as recipe_memory_data  # noqa: E402
+from timm_svb.recipe import options as recipe_options  # noqa: E402
+from timm_svb.recipe import rundir as recipe_rundir  # noqa: E402
+from timm_svb.recipe import trainer as recipe_trainer  # noqa: E402
+from timm_svb.recipe import validate as recipe_validate  # noqa: E402
 
 __all__ = [
     "FAST",
@@ -34,7 +30,7 @@ __all__ = [
     "one_thread",
     "optimizer_groups",
     "recipe_data",
-    "recipe_engine",
+    "recipe_loop",
     "recipe_memory_data",
     "recipe_options",
     "recipe_rundir",
@@ -58,7 +54,7 @@ def one_thread() -> Iterator[None]:
 
 def run_recipe(argv: list[str]) -> Any:
     """``recipes/train.py ARGV`` in this process (fast settings); returns its ``TrainResult``."""
-    return train.run_in_process([*argv, *FAST])
+    return recipe_trainer.run_in_process([*argv, *FAST])
 
 
 def make_data(path: Path, **kwargs: Any) -> Path:

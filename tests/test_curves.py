@@ -69,7 +69,7 @@ def two_runs(tmp_path: Path) -> tuple[Path, Path]:
         {
             "model": "convnet20_svb",
             "svb_config": {"epsilon": 0.05, "bbn_epsilon": 1.0, "every_n_steps": 391},
-            "args": {"config": "recipes/configs/fig2_convnet20_svb_bbn.yaml"},
+            "args": {"config": "timm_svb/recipe/configs/fig2_convnet20_svb_bbn.yaml"},
         },
     )
     return sgd, svb
@@ -173,7 +173,7 @@ def test_the_legend_of_three_runs_stays_inside_the_figure(
         {
             "model": "preact_resnet20_svb",
             "svb_config": {"epsilon": 0.5, "bbn_epsilon": 0.2},
-            "args": {"config": "recipes/configs/table1_preact_resnet20_svb_bbn_cifar10.yaml"},
+            "args": {"config": "timm_svb/recipe/configs/table1_preact_resnet20_svb_bbn_cifar10.yaml"},
         },
     )
     runs = [curves.read_run(d) for d in (sgd, svb, third)]

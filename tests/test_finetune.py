@@ -20,10 +20,10 @@ from recipe_helpers import (
     one_thread,  # noqa: F401  (autouse fixture)
     optimizer_groups,
     recipe_data,
-    recipe_engine,
+    recipe_loop,
     recipe_options,
+    recipe_trainer,
     run_recipe,
-    train,
 )
 from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
@@ -288,22 +288,22 @@ def test_param_groups() -> None:
     groups of its own with lr_scale, which RecipeLR applies; frozen tensors left out."""
     model = timm.create_model("convnet20", num_classes=3)
     tensors = dict(model.named_parameters())
-    (one,) = recipe_engine.param_groups(model, 1e-4)
+    (one,) = recipe_loop.param_groups(model, 1e-4)
     assert one["weight_decay"] == 1e-4 and len(one["params"]) == len(tensors)
-    groups = recipe_engine.param_groups(model, 1e-4, filter_bias_and_bn=True, head_lr_scale=5.0)
+    groups = recipe_loop.param_groups(model, 1e-4, filter_bias_and_bn=True, head_lr_scale=5.0)
     for g in groups:
         names = {n for n, p in tensors.items() if any(p is q for q in g["params"])}
         assert all((tensors[n].ndim <= 1) == (g["weight_decay"] == 0) for n in names)
         assert all(n.startswith("fc.") for n in names) == ("lr_scale" in g)
     assert sum(len(g["params"]) for g in groups) == len(tensors)
     optimizer = torch.optim.SGD(groups, lr=1.0)
-    scheduler = recipe_engine.RecipeLR(optimizer, 4, sched="const", lr=0.2)
+    scheduler = recipe_loop.RecipeLR(optimizer, 4, sched="const", lr=0.2)
     assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([0.2, 1.0])
     assert scheduler.base_lr == 0.2
-    frozen = recipe_engine.freeze_backbone(model)
+    frozen = recipe_loop.freeze_backbone(model)
     assert frozen and all(isinstance(m, torch.nn.BatchNorm2d) for m in frozen)
-    assert {len(g["params"]) for g in recipe_engine.param_groups(model, 1e-4)} == {2}
-    assert recipe_engine.frozen_layer_names(model)[:1] == ["stem.conv"]
+    assert {len(g["params"]) for g in recipe_loop.param_groups(model, 1e-4)} == {2}
+    assert recipe_loop.frozen_layer_names(model)[:1] == ["stem.conv"]
 
 
 def test_tracker_project_and_run_name(data4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -317,7 +317,7 @@ def test_tracker_project_and_run_name(data4: Path, tmp_path: Path, monkeypatch: 
     monkeypatch.chdir(tmp_path)
     argv = [*TINY, "--epochs", "1", "--no-svb", "--checkpoint-hist", "0", "--data-dir", str(data4)]
     argv += [*FAST[:3], "--log-with", "tensorboard", "--experiment", "svb-cifar", "--run-name", "first-try"]
-    result = train.run_in_process(argv)
+    result = recipe_trainer.run_in_process(argv)
     assert (
         result.run_dir == Path("runs") / "first-try"
         and (tmp_path / "runs" / "first-try" / "run.json").is_file()

@@ -44,9 +44,9 @@ from huggingface_hub.errors import EntryNotFoundError
 from torch import nn
 
 import timm_svb  # noqa: F401  (registers the zoo)
-from hub import publish as pub
-from hub import record as hub_record
-from hub.record import RecordError, file_sha256, read_record, record_path, write_record
+from timm_svb.hub import publish as pub
+from timm_svb.hub import record as hub_record
+from timm_svb.hub.record import RecordError, file_sha256, read_record, record_path, write_record
 from timm_svb.models import _pretrained as pretrained_record
 from timm_svb.models._pretrained import PretrainedWeightsFormatError, PretrainedWeightsIntegrityError
 

@@ -18,7 +18,7 @@ from recipe_helpers import (
     make_data,
     one_thread,  # noqa: F401  (autouse fixture)
     recipe_data,
-    recipe_engine,
+    recipe_loop,
     run_recipe,
 )
 from recipe_helpers import recipe_memory_data as memory_data
@@ -223,7 +223,7 @@ def test_both_paths_test_the_same_weights_alike(tmp_path: Path, cifar_like: Path
     assert recorded["recipe"]["data_path"] == "memory"
     model = timm.create_model("convnet20_svb", num_classes=4, depth_x=1)
     model.load_state_dict(safetensors.torch.load_file(str(tmp_path / "r" / "model_final.safetensors")))
-    metrics = recipe_engine.evaluate(model, recipe_data.build_test_loader(tmp_path / "r"))
+    metrics = recipe_loop.evaluate(model, recipe_data.build_test_loader(tmp_path / "r"))
     assert metrics["top1_err"] == result.state.history[-1]["top1_err"]
 
 

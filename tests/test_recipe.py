@@ -23,12 +23,11 @@ import timm
 import torch
 from recipe_helpers import (
     RECIPES,
-    REPO,
     make_data,
     one_thread,  # noqa: F401  (autouse fixture)
     optimizer_groups,
     recipe_data,
-    recipe_engine,
+    recipe_loop,
     recipe_options,
     recipe_rundir,
     recipe_trainer,
@@ -41,8 +40,8 @@ import timm_svb  # noqa: F401  (registers the zoo)
 DIGITS, DataError = recipe_data.DIGITS, recipe_data.DataError
 build_test_loader, digits_dataset = recipe_data.build_test_loader, recipe_data.digits_dataset
 load_image_dataset = recipe_data.load_image_dataset
-RecipeLR, evaluate, lr_at_epoch = recipe_engine.RecipeLR, recipe_engine.evaluate, recipe_engine.lr_at_epoch
-parse_svb_every, parse_args = recipe_engine.parse_svb_every, recipe_options.parse_args
+RecipeLR, evaluate, lr_at_epoch = recipe_loop.RecipeLR, recipe_loop.evaluate, recipe_loop.lr_at_epoch
+parse_svb_every, parse_args = recipe_loop.parse_svb_every, recipe_options.parse_args
 
 RUN_KEYS = {
     "model",
@@ -190,7 +189,7 @@ def test_the_ema_counts_steps_over_the_whole_run() -> None:
     loader = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(3)]
     steps: list[int] = []
     ema = SimpleNamespace(update=lambda step: steps.append(step))
-    recipe_engine.train_one_epoch(model, loader, optimizer, accelerator, epoch=2, ema=ema, progress=False)
+    recipe_loop.train_one_epoch(model, loader, optimizer, accelerator, epoch=2, ema=ema, progress=False)
     assert steps == [7, 8, 9]
 
 
@@ -201,7 +200,7 @@ def test_the_emas_svb_leaves_excluded_and_frozen_layers_alone() -> None:
     for p in model.stem.parameters():
         p.requires_grad_(False)
     args = SimpleNamespace(model_ema_decay=0.9, model_ema_warmup=False, svb_exclude=["fc"])
-    svb = recipe_engine.RecordingSVB(model, 0.5, 1.0, exclude=recipe_trainer._svb_exclude(args, model))
+    svb = recipe_loop.RecordingSVB(model, 0.5, 1.0, exclude=recipe_trainer._svb_exclude(args, model))
     ema = recipe_trainer._make_ema(args, model, svb)
     names = [layer.name for layer in ema.svb.layers]
     assert names == [layer.name for layer in svb.layers]
@@ -237,7 +236,7 @@ def test_svb_every_parsing() -> None:
 # ------------------------------------------------------------------------------------------- configs
 
 
-CONFIGS = sorted((RECIPES / "configs").glob("*.yaml"))
+CONFIGS = sorted(recipe_options.CONFIG_DIR.glob("*.yaml"))
 
 
 def test_every_paper_recipe_is_there() -> None:
@@ -1024,8 +1023,7 @@ def test_resume_with_more_epochs_follows_the_command_line(
 def test_compiled_run_saves_timm_weights_publishes_and_resumes(tmp_path: Path, cifar_like: Path) -> None:
     """--compile (aot_eager: the same wrappers as inductor, compiled in seconds on a CPU) writes plain timm
     state dicts that hub/publish.py takes; the run resumes without compiling."""
-    sys.path.insert(0, str(REPO))
-    from hub import publish
+    from timm_svb.hub import publish  # noqa: PLC0415
 
     out = tmp_path / "run"
     tiny = "--model convnet20_svb --model-kwargs depth_x=1 --batch-size 8 --lr 0.05"
@@ -1055,7 +1053,7 @@ def test_svb_log_and_summary_when_the_certificate_proves_every_layer_in_band():
     # certified layers get no solver, so no singular values: the log says so and summary.csv leaves the cells
     # empty instead of writing NaN
     model = timm.create_model("convnet20_svb", num_classes=10)  # orthogonal init: every layer in band
-    svb = recipe_engine.RecordingSVB(model, epsilon=0.5)
+    svb = recipe_loop.RecordingSVB(model, epsilon=0.5)
     stats = svb.apply()
     assert stats.certified == stats.layers == 20
     assert recipe_trainer._describe_svb(stats) == "20/20 layers certified in band, 0 clipped"

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 from recipe_helpers import (
-    RECIPES,
     make_data,
     one_thread,  # noqa: F401  (autouse fixture)
     recipe_data,
-    recipe_engine,
+    recipe_loop,
     recipe_options,
     run_recipe,
 )
@@ -24,7 +23,7 @@ from torch import nn
 import timm_svb
 import timm_svb.models._helpers
 
-CONFIGS = sorted((RECIPES / "configs").glob("*.yaml"))
+CONFIGS = sorted(recipe_options.CONFIG_DIR.glob("*.yaml"))
 # The configs' settings are under test, not the widths of WRN-28-10/16 (36.5M / 94.2M parameters, minutes
 # per step on two CPU cores; their widths are tested in test_models.py): they run at width 1, depth 28; and
 # Inception-ResNet-v2 on 107x107 inputs, not 299x299 (4x fewer pixels; 299 inputs: test_recipe.py).
@@ -69,13 +68,13 @@ def plain_init(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def snapshot_before_bounding(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """Every SVB.apply() of the run: the weights and BN statistics it was given."""
     seen: list[dict[str, Any]] = []
-    apply = recipe_engine.RecordingSVB.apply
+    apply = recipe_loop.RecordingSVB.apply
 
     def recording(self: Any, per_layer: bool = False) -> Any:
         seen.append({name: _copy(m) for name, m in self.model.named_modules() if _copy(m) is not None})
         return apply(self, per_layer)
 
-    monkeypatch.setattr(recipe_engine.RecordingSVB, "apply", recording)
+    monkeypatch.setattr(recipe_loop.RecordingSVB, "apply", recording)
     return seen
 
 
@@ -158,7 +157,7 @@ def test_config_runs_and_bounds(
     assert row["lr"] == args.lr
     # the recorded test error is the saved weights' on the test split
     loader = recipe_data.build_test_loader(run, batch_size=1)
-    assert recipe_engine.evaluate(result.model, loader)["top1_err"] == row["top1_err"]
+    assert recipe_loop.evaluate(result.model, loader)["top1_err"] == row["top1_err"]
     assert (out / "model_best.safetensors").is_file()
     after = {name: _copy(m) for name, m in result.model.named_modules() if _copy(m) is not None}
     weights = sorted(k for k, v in after.items() if "weight" in v)

@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from recipe_helpers import RECIPES, REPO, make_data
+from recipe_helpers import REPO, make_data
 
 import timm_svb  # noqa: F401  (registers the zoo)
 
@@ -29,7 +29,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
     data = make_data(tmp_path / "data", num_train=32, num_test=10, num_classes=4)
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(RECIPES), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
     }

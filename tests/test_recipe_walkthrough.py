@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from recipe_helpers import REPO, one_thread, optimizer_groups, recipe_validate, train  # noqa: F401
+from recipe_helpers import REPO, one_thread, optimizer_groups, recipe_trainer, recipe_validate  # noqa: F401
 
 from timm_svb import curves
 from timm_svb.models._pretrained import shipped_weights_path
@@ -43,8 +43,8 @@ def test_readme_fine_tuning_walk_through(
             assert SHIPPED in capsys.readouterr().out
         elif argv[:2] == ["python", "recipes/train.py"]:
             with optimizer_groups() as steps:
-                tuned = train.run_in_process([*argv[2:], "--no-progress"])
-        elif argv[:2] == ["python", "recipes/validate.py"]:
+                tuned = recipe_trainer.run_in_process([*argv[2:], "--no-progress"])
+        elif argv[:2] == ["python", "timm_svb/recipe/validate.py"]:
             validated = recipe_validate.main(argv[2:])
         elif argv[:3] == ["python", "-m", "timm_svb.curves"]:
             assert curves.main(argv[3:]) == 0

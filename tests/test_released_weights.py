@@ -11,7 +11,7 @@ import safetensors.torch
 import timm
 import torch
 from huggingface_hub import ModelCard
-from recipe_helpers import REPO, one_thread, recipe_data, recipe_engine  # noqa: F401  (autouse fixture)
+from recipe_helpers import REPO, one_thread, recipe_data, recipe_loop  # noqa: F401  (autouse fixture)
 
 import timm_svb  # noqa: F401  (registers the zoo)
 from timm_svb.models._pretrained import PUBLISHED, file_sha256, shipped_weights_path
@@ -83,7 +83,7 @@ def test_reproduces_its_recorded_test_error(name: str) -> None:
         recipe_data.TorchImageDataset(data.test, data.image_column, data.label_column, transform),
         batch_size=500,
     )
-    metrics = recipe_engine.evaluate(model, loader)
+    metrics = recipe_loop.evaluate(model, loader)
     recorded = PUBLISHED[name]["metrics"]
     assert metrics["num_images"] == 10_000
     assert (metrics["top1_err"], metrics["top5_err"]) == (recorded["top1_err"], recorded["top5_err"])

@@ -58,7 +58,7 @@ def test_study_trains_resumes_skips_and_reports(tmp_path: Path) -> None:
 
 
 def test_unknown_study_and_arm_are_named(tmp_path: Path) -> None:
-    import study as study_module  # noqa: PLC0415  (recipes/ is on sys.path through recipe_helpers)
+    from timm_svb.recipe import study as study_module  # noqa: PLC0415
 
     with pytest.raises(SystemExit, match="cpu_table1_preact_resnet20"):
         study_module.arms("cpu_nothing")

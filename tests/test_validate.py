@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import timm
-from recipe_helpers import one_thread, train  # noqa: F401  (autouse fixture)
+from recipe_helpers import one_thread, recipe_trainer  # noqa: F401  (autouse fixture)
 from recipe_helpers import recipe_validate as validate
 
 import timm_svb  # noqa: F401  (registers the zoo)
@@ -58,7 +58,7 @@ def test_a_model_with_its_own_preprocessing(digits: tuple[Path, dict], tmp_path:
     by_name = validate.main(["--model", "convnet20_svb", "--checkpoint", checkpoint, *common[:2]])
     assert (by_name["top1_err"], by_name["top5_err"]) == (final["top1_err"], final["top5_err"])
     assert by_name["data_config"]["input_size"] == (3, 32, 32)
-    evaluated = train.main(
+    evaluated = recipe_trainer.main(
         ["--eval-only", "--initial-checkpoint", checkpoint, *common, "--output", str(tmp_path)]
     )
     assert evaluated["top1_err"] == final["top1_err"]

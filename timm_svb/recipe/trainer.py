@@ -40,8 +40,19 @@ from accelerate.utils import (
     is_tensorboard_available,
     set_seed,
 )
-from data import (
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from torch import nn
+from torch.utils.data import DataLoader
+
+import timm_svb
+from timm_svb.curves import plot_curves
+from timm_svb.spectrum import model_spectrum, plot_spectra, spectrum_summary
+
+from .data import (
     DIGITS,
+    DataError,
     FixedLengthLoader,
     ImageData,
     TorchImageDataset,
@@ -53,7 +64,7 @@ from data import (
     model_data_config,
     resolve_aug,
 )
-from engine import (
+from .loop import (
     BoundedEMA,
     RecipeLR,
     RecordingSVB,
@@ -65,7 +76,7 @@ from engine import (
     svb_apply_steps,
     train_one_epoch,
 )
-from memory_data import (
+from .memory_data import (
     MemoryPlan,
     MemorySplit,
     decode_split,
@@ -74,8 +85,8 @@ from memory_data import (
     plan_memory_path,
     split_nbytes,
 )
-from options import build_parser, run_of_weights
-from rundir import (
+from .options import build_parser, parse_args, run_of_weights
+from .rundir import (
     RunState,
     abandon_later_epochs,
     atomic_write_text,
@@ -88,15 +99,7 @@ from rundir import (
     write_run_json,
     write_summary,
 )
-from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from torch import nn
-from torch.utils.data import DataLoader
-
-import timm_svb
-from timm_svb.curves import plot_curves
-from timm_svb.spectrum import model_spectrum, plot_spectra, spectrum_summary
+from .validate import eval_only
 
 __all__ = ["TrainResult", "fit", "make_accelerator"]
 
@@ -156,7 +159,38 @@ class TrainResult:
     ema: BoundedEMA | None = None  # --model-ema
 
 
-# ------------------------------------------------------------------------------------------------- fit
+# ------------------------------------------------------------------------------------- main, fit
+
+
+def main(argv: list[str] | None = None) -> TrainResult | dict[str, Any]:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and train (or, with ``--eval-only``, evaluate)."""
+    args = parse_args(argv)
+    return eval_only(args) if args.eval_only else fit(args)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """The command line (``recipes/train.py``, ``python -m timm_svb.recipe``): :func:`main`, a data error
+    said in one line."""
+    try:
+        main(argv)
+    except DataError as e:  # its message says what to do: one line, without the tracebacks behind it
+        raise SystemExit(f"error: {e}") from None
+
+
+def run_in_process(argv: list[str]) -> TrainResult:
+    """``main(argv)`` as one of several runs in a process (tests, benchmarks): Accelerate's process-wide state
+    is reset before and after, so that each run can take other settings."""
+    from accelerate.state import AcceleratorState, GradientState  # noqa: PLC0415
+
+    def reset() -> None:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+    reset()
+    try:
+        return main(argv)
+    finally:
+        reset()
 
 
 def fit(args: Any) -> TrainResult:
