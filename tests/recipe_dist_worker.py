@@ -15,7 +15,7 @@ import memory_data
 import safetensors.torch
 import torch
 from accelerate import PartialState
-from recipe_helpers import FAST, recipe_data, recipe_trainer
+from recipe_helpers import FAST, recipe_data, recipe_reporting, recipe_trainer
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import RandomCrop
 
@@ -27,7 +27,7 @@ def observe() -> None:
     get_params, getitem = RandomCrop.get_params, recipe_data.TorchImageDataset.__getitem__
     no_sync = DistributedDataParallel.no_sync
     stream_iter = recipe_data.StreamingImages.__iter__
-    summary = recipe_trainer.spectrum_summary
+    summary = recipe_reporting.spectrum_summary
     crop_flip, getitems = memory_data.crop_flip, memory_data._BatchedImages.__getitems__
 
     def crop_params(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -62,7 +62,7 @@ def observe() -> None:
         SEEN["spectrum_summary"].append(1)
         return summary(*args, **kwargs)
 
-    recipe_trainer.spectrum_summary = counted_summary
+    recipe_reporting.spectrum_summary = counted_summary
     RandomCrop.get_params = staticmethod(crop_params)
     recipe_data.TorchImageDataset.__getitem__ = item
     memory_data.crop_flip = batch_crops

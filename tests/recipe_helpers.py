@@ -14,10 +14,12 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 
+from timm_svb.recipe import checkpoint as recipe_checkpoint  # noqa: E402
 from timm_svb.recipe import data as recipe_data  # noqa: E402
 from timm_svb.recipe import loop as recipe_loop  # noqa: E402
 from timm_svb.recipe import memory_data as recipe_memory_data  # noqa: E402
 from timm_svb.recipe import options as recipe_options  # noqa: E402
+from timm_svb.recipe import reporting as recipe_reporting  # noqa: E402
 from timm_svb.recipe import rundir as recipe_rundir  # noqa: E402
 from timm_svb.recipe import trainer as recipe_trainer  # noqa: E402
 from timm_svb.recipe import validate as recipe_validate  # noqa: E402
@@ -29,10 +31,12 @@ __all__ = [
     "make_data",
     "one_thread",
     "optimizer_groups",
+    "recipe_checkpoint",
     "recipe_data",
     "recipe_loop",
     "recipe_memory_data",
     "recipe_options",
+    "recipe_reporting",
     "recipe_rundir",
     "recipe_trainer",
     "recipe_validate",

@@ -19,6 +19,7 @@ from recipe_helpers import (
     make_data,
     one_thread,  # noqa: F401  (autouse fixture)
     optimizer_groups,
+    recipe_checkpoint,
     recipe_data,
     recipe_loop,
     recipe_options,
@@ -210,14 +211,12 @@ def test_ema_leaves_the_models_training_alone(ema_runs: dict) -> None:
 def test_resume_cannot_add_or_drop_the_ema(tmp_path: Path) -> None:
     """The checkpoint holds the EMA or not: --model-ema cannot change on resume, also for a run recorded by
     a version before the option (it had no EMA, as the default now)."""
-    import trainer
-
     earlier = {"args": {"model": "convnet20_svb", "batch_size": 8}}
     with pytest.raises(SystemExit, match="--model-ema .False in the run, True now"):
-        trainer._resume_changes(earlier, {**earlier["args"], "model_ema": True}, tmp_path)
-    assert trainer._resume_changes(earlier, {**earlier["args"], "model_ema": False}, tmp_path) == {}
+        recipe_checkpoint.resume_changes(earlier, {**earlier["args"], "model_ema": True}, tmp_path)
+    assert recipe_checkpoint.resume_changes(earlier, {**earlier["args"], "model_ema": False}, tmp_path) == {}
     with pytest.raises(SystemExit, match="--head-lr-scale"):
-        trainer._resume_changes(earlier, {**earlier["args"], "head_lr_scale": 10.0}, tmp_path)
+        recipe_checkpoint.resume_changes(earlier, {**earlier["args"], "head_lr_scale": 10.0}, tmp_path)
 
 
 def test_ema_of_decay_zero_is_the_model(data4: Path, tmp_path: Path) -> None:

@@ -196,17 +196,17 @@ def test_recipe_chooses_the_path_and_says_why(
         "1",
     ]
     base += ["--batch-size", "8", "--data-cache", str(tmp_path / "cache")]
-    with caplog.at_level(logging.INFO, logger="recipes.train"):
+    with caplog.at_level(logging.INFO, logger="timm_svb.recipe"):
         memory = run_recipe([*base, "--output", str(tmp_path / "m")])
     assert "data path: in memory" in _log_lines(caplog)
     assert json.loads((tmp_path / "m" / "run.json").read_text())["recipe"]["data_path"] == "memory"
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="recipes.train"):
+    with caplog.at_level(logging.INFO, logger="timm_svb.recipe"):
         run_recipe([*base, "--in-memory-cap", "1e-6", "--output", str(tmp_path / "cap")])
     assert "per-image loader (the decoded splits take" in _log_lines(caplog)
     assert json.loads((tmp_path / "cap" / "run.json").read_text())["recipe"]["data_path"] == "loader"
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="recipes.train"):
+    with caplog.at_level(logging.INFO, logger="timm_svb.recipe"):
         run_recipe([*base, "--reprob", "0.5", "--output", str(tmp_path / "re")])
     assert "per-image loader (training augmentation: RandomErasing" in _log_lines(caplog)
     with pytest.raises(SystemExit, match="--in-memory on: the decoded splits take"):

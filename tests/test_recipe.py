@@ -26,9 +26,11 @@ from recipe_helpers import (
     make_data,
     one_thread,  # noqa: F401  (autouse fixture)
     optimizer_groups,
+    recipe_checkpoint,
     recipe_data,
     recipe_loop,
     recipe_options,
+    recipe_reporting,
     recipe_rundir,
     recipe_trainer,
     run_recipe,
@@ -169,13 +171,13 @@ def test_run_state_keeps_the_best_ema_across_a_checkpoint() -> None:
     state = recipe_rundir.RunState()
     errors = {1: (50.0, 40.0), 2: (45.0, 60.0)}  # epoch: (model top-1, EMA top-1)
     for epoch, (top1, ema) in errors.items():
-        state.record(
+        state.add_epoch(
             {"epoch": epoch, "top1_err": top1, "top5_err": 9.0, "ema_top1_err": ema, "ema_top5_err": 9.0}
         )
     restored = recipe_rundir.RunState()
     restored.load_state_dict(state.state_dict())
     assert restored.best_ema == state.best_ema == {"epoch": 1, "top1_err": 40.0, "top5_err": 9.0}
-    new = restored.record(
+    new = restored.add_epoch(
         {"epoch": 3, "top1_err": 44.0, "top5_err": 9.0, "ema_top1_err": 55.0, "ema_top5_err": 9.0}
     )
     assert new == ["best"] and restored.metrics()["best_ema"]["epoch"] == 1
@@ -757,9 +759,9 @@ def test_overwriting_a_checkpoint_never_leaves_half_of_one_listed(
     """A kill while a checkpoint folder of the same epoch is replaced leaves a whole one listed (the old or
     the new), never a partly deleted folder."""
     accelerator = _SavingAccelerator()
-    recipe_rundir.save_checkpoint(accelerator, tmp_path, 2, keep=3)
+    recipe_checkpoint.save_checkpoint(accelerator, tmp_path, 2, keep=3)
     accelerator.tag = "new"
-    real_rmtree, real_replace = shutil.rmtree, recipe_rundir.os.replace
+    real_rmtree, real_replace = shutil.rmtree, recipe_checkpoint.os.replace
 
     def killed_while_deleting(path: Any, *args: Any, **kwargs: Any) -> None:
         if Path(path).name == "epoch_0002":  # deleting the listed folder in place: killed half-way
@@ -768,28 +770,28 @@ def test_overwriting_a_checkpoint_never_leaves_half_of_one_listed(
         real_rmtree(path, *args, **kwargs)
 
     def complete() -> dict[str, str]:
-        listed = recipe_rundir.list_checkpoints(tmp_path)
+        listed = recipe_checkpoint.list_checkpoints(tmp_path)
         assert all(len(list(folder.iterdir())) == 3 for _, folder in listed), listed
         return {folder.name: (folder / "model.safetensors").read_text() for _, folder in listed}
 
-    monkeypatch.setattr(recipe_rundir.shutil, "rmtree", killed_while_deleting)
+    monkeypatch.setattr(recipe_checkpoint.shutil, "rmtree", killed_while_deleting)
     with contextlib.suppress(KeyboardInterrupt):
-        recipe_rundir.save_checkpoint(accelerator, tmp_path, 2, keep=3)
+        recipe_checkpoint.save_checkpoint(accelerator, tmp_path, 2, keep=3)
     assert complete() == {"epoch_0002": "new"}
-    monkeypatch.setattr(recipe_rundir.shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(recipe_checkpoint.shutil, "rmtree", real_rmtree)
 
     def killed_between_renames(src: Any, dst: Any) -> None:
         if Path(src).name.startswith(".tmp-"):
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(recipe_rundir.os, "replace", killed_between_renames)
+    monkeypatch.setattr(recipe_checkpoint.os, "replace", killed_between_renames)
     accelerator.tag = "newer"
     with contextlib.suppress(KeyboardInterrupt):
-        recipe_rundir.save_checkpoint(accelerator, tmp_path, 2, keep=3)
+        recipe_checkpoint.save_checkpoint(accelerator, tmp_path, 2, keep=3)
     assert complete() == {}  # the old one is aside, whole ...
-    monkeypatch.setattr(recipe_rundir.os, "replace", real_replace)
-    recipe_rundir.save_checkpoint(accelerator, tmp_path, 3, keep=3)
+    monkeypatch.setattr(recipe_checkpoint.os, "replace", real_replace)
+    recipe_checkpoint.save_checkpoint(accelerator, tmp_path, 3, keep=3)
     assert complete() == {"epoch_0002": "new", "epoch_0003": "newer"}  # ... and back on the next save
 
 
@@ -800,7 +802,7 @@ def one_epoch_svb_run(tmp_path_factory: pytest.TempPathFactory, cifar_like: Path
     out = tmp_path_factory.mktemp("one_epoch") / "run"
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    logger = logging.getLogger("recipes.train")
+    logger = logging.getLogger("timm_svb.recipe")
     logger.addHandler(handler)
     mask = os.umask(0o022)
     try:
@@ -905,7 +907,7 @@ def test_fine_tune_takes_the_model_from_run_json(
     record = tmp_path / "a" / "run.json"
     for name, more in (("same", []), ("more", ["--num-classes", "6"])):
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="recipes.train"):
+        with caplog.at_level(logging.INFO, logger="timm_svb.recipe"):
             tuned = run_recipe(
                 [*common, *more, "--initial-checkpoint", str(weights), "--output", str(tmp_path / name)]
             )
@@ -994,7 +996,7 @@ def test_resume_with_more_epochs_follows_the_command_line(
     first = run_recipe([*common, "--epochs", "2", "--stop-after", "1", "--weight-decay", "0"])
     # 2 steps an epoch, bounding after every 3rd step: step 3 opens epoch 2, the final one of 2 epochs
     assert first.svb_steps == []
-    with caplog.at_level(logging.INFO, logger="recipes.train"), optimizer_groups() as steps:
+    with caplog.at_level(logging.INFO, logger="timm_svb.recipe"), optimizer_groups() as steps:
         resumed = run_recipe(
             [*common, "--epochs", "4", "--stop-after", "1", "--weight-decay", "1e-3", "--resume"]
         )
@@ -1056,13 +1058,13 @@ def test_svb_log_and_summary_when_the_certificate_proves_every_layer_in_band():
     svb = recipe_loop.RecordingSVB(model, epsilon=0.5)
     stats = svb.apply()
     assert stats.certified == stats.layers == 20
-    assert recipe_trainer._describe_svb(stats) == "20/20 layers certified in band, 0 clipped"
-    row = recipe_trainer._svb_row(svb, applied_before=0)
+    assert recipe_reporting.describe_svb(stats) == "20/20 layers certified in band, 0 clipped"
+    row = recipe_reporting.svb_row(svb, applied_before=0)
     assert row["svb_sv_min"] is None and row["svb_sv_max"] is None and row["svb_clipped"] == 0
     with torch.no_grad():
         model.get_classifier().weight.mul_(3.0)  # the head leaves the band: the solver sees it alone
     stats = svb.apply()
-    described = recipe_trainer._describe_svb(stats)
+    described = recipe_reporting.describe_svb(stats)
     assert described.startswith("19/20 layers certified in band, sv ") and "nan" not in described
-    row = recipe_trainer._svb_row(svb, applied_before=0)
+    row = recipe_reporting.svb_row(svb, applied_before=0)
     assert row["svb_sv_max"] > 1.5 and row["svb_clipped"] > 0

@@ -30,7 +30,8 @@ def test_study_trains_resumes_skips_and_reports(tmp_path: Path) -> None:
     extra = ["--data-dir", str(data), "--seeds", "0", "--arms", "sgd", "svb_bbn", *SMALL]
     # a run cut short after its first epoch: the study resumes it
     stopped = study(tmp_path, *extra[: -len(SMALL)], "--arms", "sgd", *SMALL, "--stop-after", "1")
-    assert stopped.returncode != 0 or True  # the study stops at the unfinished run either way
+    cut = json.loads((tmp_path / "runs" / STUDY / "sgd_s0" / "run.json").read_text())
+    assert (cut["status"], cut["completed_epochs"]) == ("stopped", 1), stopped.stdout[-2000:]
     done = study(tmp_path, *extra)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     runs, results = tmp_path / "runs" / STUDY, tmp_path / "results" / STUDY
@@ -46,7 +47,7 @@ def test_study_trains_resumes_skips_and_reports(tmp_path: Path) -> None:
     ]
     table = (results / "table.md").read_text()
     assert (
-        "CIFAR-10 (JPEG q75 copy)" in table and "| sgd | 0 | 2 | 16 |" in table and "| svb_bbn | 0 |" in table
+        "<local>/data, 2 epochs" in table and "| sgd | 0 | 2 | 16 |" in table and "| svb_bbn | 0 |" in table
     )
     assert (results / "curves.png").stat().st_size > 0
     # finished runs are skipped: nothing trains again, also without their run folders (a fresh checkout)
@@ -65,3 +66,13 @@ def test_unknown_study_and_arm_are_named(tmp_path: Path) -> None:
     assert set(study_module.arms(STUDY)) == {"sgd", "svb", "svb_bbn"}
     with pytest.raises(SystemExit, match="unknown arm"):
         study_module.main([STUDY, "--arms", "nothing", "--report"])
+
+
+def test_results_are_labelled_by_the_data_the_runs_read() -> None:
+    """The table's label comes from run.json: the JPEG copy by its name, other data as given."""
+    from timm_svb.hub.card import data_label  # noqa: PLC0415
+
+    copy = {"name": "/x/cifar10-jpeg", "data_dir": "/x/cifar10-jpeg"}
+    assert data_label(copy) == "CIFAR-10 (JPEG q75 copy)"
+    assert data_label({"name": "uoft-cs/cifar10", "data_dir": None}) == "uoft-cs/cifar10"
+    assert data_label({"name": "/x/other", "data_dir": "/x/other"}) == "<local>/other"

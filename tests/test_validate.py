@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import timm
-from recipe_helpers import one_thread, recipe_trainer  # noqa: F401  (autouse fixture)
+from recipe_helpers import one_thread, recipe_checkpoint, recipe_trainer  # noqa: F401  (autouse fixture)
 from recipe_helpers import recipe_validate as validate
 
 import timm_svb  # noqa: F401  (registers the zoo)
@@ -65,7 +65,7 @@ def test_a_model_with_its_own_preprocessing(digits: tuple[Path, dict], tmp_path:
     assert json.loads((tmp_path / "validate.json").read_text())["top1_err"] == final["top1_err"]
     assert not (tmp_path / "run.json").exists()  # nothing trained
     model = timm.create_model("convnet20_svb")
-    validate.load_checkpoint(model, checkpoint)
+    recipe_checkpoint.load_weights(model, checkpoint, name="convnet20_svb")
     timm.models.save_for_hf(model, str(tmp_path / "hub"), safe_serialization=True)
     local = validate.main(["--model", f"local-dir:{tmp_path / 'hub'}", *common[:2]])
     assert local["top1_err"] == final["top1_err"]

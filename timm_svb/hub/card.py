@@ -40,7 +40,7 @@ def _eval_results(dataset: dict[str, Any], metrics: dict[str, Any]) -> list[Eval
             task_type="image-classification",
             task_name="Image Classification",
             dataset_type=local or dataset["name"],
-            dataset_name=DATA_LABELS.get(local, "").split(":")[0] or data_source(dataset),
+            dataset_name=data_label(dataset),
             dataset_split=dataset.get("test_split") or None,
             metric_type="accuracy",
             metric_name=f"Top-{k} accuracy (%)",
@@ -69,6 +69,13 @@ def data_source(dataset: dict[str, Any]) -> str:
     """The data a run read, as given: its local folder (``--data-dir``; an absolute path shortened), else
     the ``--dataset`` name (a Hub id, ``sklearn-digits``)."""
     return _portable(dataset.get("data_dir") or dataset["name"])
+
+
+def data_label(dataset: dict[str, Any]) -> str:
+    """How results on a run's data (``run.json``'s ``dataset``) are labelled: a known copy by its name in
+    :data:`DATA_LABELS` (``CIFAR-10 (JPEG q75 copy)``), any other data as given (:func:`data_source`)."""
+    label = DATA_LABELS.get(PureWindowsPath(str(dataset.get("data_dir") or "")).name, "")
+    return label.split(":")[0] or data_source(dataset)
 
 
 def _data_description(dataset: dict[str, Any], train_subset: int | None = None) -> str:

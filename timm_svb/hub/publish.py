@@ -10,13 +10,12 @@ re-evaluation on the test split, when the data is reachable, must match the run'
 ``--allow-mismatch REASON`` states an override), which the card states. Then it either leaves the folder in
 ``--dry-run OUT_DIR`` or uploads it with ``huggingface_hub`` (one commit holding exactly the checked files)
 and records the pinned commit and the sha256 of the weights in the record of published weights (see
-``hub/record.py`` for where it is written).
+:mod:`.record` for where it is written).
 
     python hub/publish.py RUN_DIR --repo-id timm-svb/MODEL.TAG --dry-run OUT_DIR  # build and check only
     python hub/publish.py RUN_DIR --repo-id timm-svb/MODEL.TAG --require-eval     # ... push, record
 
-It uses the ``timm_svb`` that Python imports (an install, or a checkout on ``PYTHONPATH``), never puts the
-checkout on ``sys.path`` ahead of it.
+``hub/publish.py`` (and ``python -m hub.publish``) is this module's command line in a checkout.
 """
 
 from __future__ import annotations
@@ -64,7 +63,7 @@ from .record import (
     write_record,
 )
 
-_logger = logging.getLogger("timm_svb.hub")
+_logger = logging.getLogger(__name__)
 
 RUN_KEYS = (
     "model",
@@ -165,7 +164,8 @@ def run_facts(run: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 def config_epochs(config: str | None) -> int | None:
-    """The epochs of the recipe config a run named (``-c``: a path, else a name in ``recipes/configs``)."""
+    """The epochs of the recipe config a run named (``-c``: a path, else a name in
+    ``timm_svb/recipe/configs``)."""
     if not config:
         return None
     for candidate in dict.fromkeys((config, Path(config).stem)):  # a path of the training machine: its name

@@ -54,7 +54,7 @@ __all__ = [
     "model_data_config",
 ]
 
-_logger = logging.getLogger("recipes.data")
+_logger = logging.getLogger(__name__)
 
 DIGITS = "sklearn-digits"
 DIGITS_TEST_SIZE = 360  # of 1797 images (20%)

@@ -1,4 +1,4 @@
-"""The training engine: learning-rate schedules, parameter groups, the SVB plugin's schedule, the model EMA
+"""The training loop: learning-rate schedules, parameter groups, the SVB plugin's schedule, the model EMA
 (bounded by SVB with the model), freezing a backbone, one training epoch, evaluation.
 
 :func:`evaluate` is public: ``recipes/validate.py`` (and through it ``hub/publish.py``) evaluates with it.
@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import math
@@ -210,7 +211,7 @@ def svb_apply_steps(svb: SVB, total_steps: int) -> list[int]:
 class RecordingSVB(SVB):
     """:class:`timm_svb.SVB` that remembers the statistics and the time of its last :meth:`apply`."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: argparse.Namespace, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.last_stats: SVBStats | None = None
         self.seconds = 0.0

@@ -20,6 +20,7 @@ seeds per process (``set_seed(seed, device_specific=True)``) and restores on ``-
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from timm.data.transforms import MaybeToTensor
@@ -38,18 +40,22 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
+from .data import ImageData
+
 __all__ = [
     "MemoryPlan",
     "MemorySplit",
     "crop_flip",
     "decode_split",
+    "decode_splits",
     "default_cache_dir",
     "memory_loader",
+    "memory_plans",
     "plan_memory_path",
     "split_nbytes",
 ]
 
-_logger = logging.getLogger("recipes.data")
+_logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the cached file's layout changes
 
@@ -291,3 +297,66 @@ def memory_loader(split: MemorySplit, plan: MemoryPlan, *, train: bool, batch_si
         collate_fn=_as_is,
         num_workers=0,
     )
+
+
+def memory_plans(
+    args: argparse.Namespace, data: ImageData, train_tf: Any, test_tf: Any, input_size: tuple[int, int, int]
+) -> tuple[MemoryPlan, MemoryPlan] | None:
+    """The in-memory path's plans for the training and test transforms (``--in-memory``), or None for the
+    per-image loaders; the log says which path and why."""
+    if args.in_memory == "off":
+        _logger.info("data path: per-image loader (--in-memory off)")
+        return None
+    train_plan, why = plan_memory_path(train_tf)
+    test_plan, test_why = plan_memory_path(test_tf)
+    need = split_nbytes(data.num_train + len(data.test), input_size)
+    if data.streamed:
+        why = "--streaming reads the training split as it goes"
+    elif train_plan is None:
+        why = f"training augmentation: {why}"
+    elif test_plan is None:
+        why = f"test transform: {test_why}"
+    elif need > args.in_memory_cap * 2**30:
+        why = f"the decoded splits take {need / 2**30:.2f} GiB, over --in-memory-cap {args.in_memory_cap:g}"
+    else:
+        _logger.info(
+            "data path: in memory (%d + %d images decoded once, %.2f GiB of uint8 on the training device; "
+            "crops, flips and normalisation a batch at a time)",
+            data.num_train,
+            len(data.test),
+            need / 2**30,
+        )
+        return train_plan, test_plan
+    if args.in_memory == "on":
+        raise SystemExit(f"--in-memory on: {why}; drop it (or --in-memory auto) to use the per-image loader")
+    _logger.info("data path: per-image loader (%s)", why)
+    return None
+
+
+def decode_splits(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    data: ImageData,
+    mode: str,
+    plans: tuple[MemoryPlan, MemoryPlan],
+) -> tuple[MemorySplit, MemorySplit]:
+    """Both splits decoded (or read from the decode cache: the node's first process writes it) and moved to
+    the training device."""
+    cache = None if args.data_cache == "none" else (args.data_cache or default_cache_dir())
+    splits = []
+    with accelerator.local_main_process_first():
+        for name, ds, plan in zip(
+            (data.train_split, data.test_split), (data.train, data.test), plans, strict=True
+        ):
+            split = decode_split(
+                ds,
+                data.image_column,
+                data.label_column,
+                mode,
+                plan,
+                cache_dir=cache,
+                progress=args.progress and accelerator.is_local_main_process,
+                desc=f"decode {name}",
+            )
+            splits.append(split.to(accelerator.device))
+    return splits[0], splits[1]

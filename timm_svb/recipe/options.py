@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train a timm model with Singular Value Bounding (SVB) and Bounded Batch Normalization (BBN) "
             "(Jia et al., CVPR 2017) through Accelerate. With no arguments: convnet20_svb on scikit-learn's "
-            "digits, a few epochs on the CPU. The paper's recipes: -c recipes/configs/NAME.yaml. Multi-GPU / "
-            "multi-node: accelerate launch recipes/train.py ..."
+            "digits, a few epochs on the CPU. The paper's recipes: -c NAME "
+            "(timm_svb/recipe/configs/NAME.yaml). Multi-GPU / multi-node: "
+            "accelerate launch recipes/train.py ..."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="FILE",
         help="YAML file of defaults (keys: the argument names with underscores); a bare name is looked up in "
-        "recipes/configs/ (e.g. table2_wrn28_10_cifar10_svb_bbn)",
+        "timm_svb/recipe/configs/ (e.g. table2_wrn28_10_cifar10_svb_bbn)",
     )
 
     group = parser.add_argument_group("Data set")
@@ -552,7 +553,7 @@ def load_config_file(path: str | Path, parser: argparse.ArgumentParser | None = 
         path = next((c for c in candidates if c.is_file()), path)
     if not path.is_file():
         available = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise SystemExit(f"config {str(path)!r} not found; recipes/configs has {available}")
+        raise SystemExit(f"config {str(path)!r} not found; timm_svb/recipe/configs has {available}")
     with open(path, encoding="utf-8") as f:
         config = yaml.safe_load(f) or {}
     if not isinstance(config, dict):

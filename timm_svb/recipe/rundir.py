@@ -1,4 +1,4 @@
-"""The run folder: ``run.json``, weights as safetensors, ``summary.csv`` and crash-safe checkpoints.
+"""The run folder: ``run.json``, weights as safetensors, ``summary.csv`` (checkpoints: :mod:`.checkpoint`).
 
 Layout (``hub/publish.py`` reads ``run.json`` and ``model_{best,final}.safetensors``)::
 
@@ -11,11 +11,8 @@ Layout (``hub/publish.py`` reads ``run.json`` and ``model_{best,final}.safetenso
     RUN/args.yaml                 the resolved configuration (a valid --config)
     RUN/checkpoints/epoch_NNNN/   accelerate states (model, optimizer, scheduler, RNG, SVB, run state)
 
-Every file is written to a temporary name and renamed (weights with the mode of any other new file), a
-checkpoint folder too, also over an older one of the same epoch: a run killed while saving leaves the previous
-good files and checkpoint, and ``--resume`` picks the newest complete checkpoint. A run resumed from an
-earlier checkpoint than its newest (a rewind) moves what it did after that one (later checkpoints, weights of
-later epochs) to ``RUN/abandoned/after_epoch_NNNN/``: the run continues on the branch resumed.
+Every file is written to a temporary name and renamed (weights with the mode of any other new file): a run
+killed while saving leaves the previous good files.
 """
 
 from __future__ import annotations
@@ -25,8 +22,6 @@ import io
 import json
 import math
 import os
-import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,28 +29,19 @@ import safetensors.torch
 from torch import nn
 
 __all__ = [
-    "ABANDONED",
-    "CHECKPOINTS",
     "RunState",
     "SUMMARY_FIELDS",
     "WEIGHTS",
-    "abandon_later_epochs",
     "atomic_write_text",
-    "find_checkpoint",
     "jsonable",
-    "list_checkpoints",
     "load_plain_weights",
     "metrics_of",
     "new_file_mode",
     "plain_state_dict",
-    "save_checkpoint",
     "save_weights",
     "write_summary",
 ]
 
-CHECKPOINTS = "checkpoints"
-ABANDONED = "abandoned"
-_CKPT_RE = re.compile(r"^epoch_(\d{4,})$")
 SUMMARY_FIELDS = (
     "epoch",
     "lr",
@@ -94,7 +80,7 @@ class RunState:
         self.best: dict[str, Any] | None = None
         self.best_ema: dict[str, Any] | None = None
 
-    def record(self, row: dict[str, Any]) -> list[str]:
+    def add_epoch(self, row: dict[str, Any]) -> list[str]:
         """Add an epoch's row; returns the weights it is the new best of (lowest top-1, then top-5 error):
         ``best`` (the model's errors), ``best_ema`` (the EMA's, ``ema_top1_err``/``ema_top5_err``)."""
         self.history.append(row)
@@ -197,115 +183,6 @@ def _csv_value(value: Any) -> Any:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.6g}"
     return "" if value is None else value
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first: ``(epoch, folder)``."""
-    folder = Path(run_dir) / CHECKPOINTS
-    if not folder.is_dir():
-        return []
-    found = []
-    for p in folder.iterdir():
-        match = _CKPT_RE.match(p.name)
-        if match and p.is_dir():
-            found.append((int(match.group(1)), p))
-    return sorted(found)
-
-
-def find_checkpoint(resume: str, output: str | None) -> tuple[Path, Path]:
-    """``--resume`` to ``(checkpoint folder, run folder)``.
-
-    ``latest`` is the newest complete checkpoint of ``output``; otherwise ``resume`` is a checkpoint folder
-    (``RUN/checkpoints/epoch_NNNN``) or a run folder (its latest checkpoint).
-    """
-    if resume == "latest":
-        if not output:
-            raise SystemExit("--resume without a checkpoint needs --output RUN_DIR (the run to continue)")
-        run_dir = Path(output)
-        found = list_checkpoints(run_dir)
-        if not found:
-            raise SystemExit(f"--resume: no checkpoint in {run_dir / CHECKPOINTS}")
-        return found[-1][1], run_dir
-    path = Path(resume)
-    if _CKPT_RE.match(path.name) and path.is_dir():
-        return path, Path(output) if output else path.parent.parent
-    if path.is_dir() and list_checkpoints(path):
-        return list_checkpoints(path)[-1][1], Path(output) if output else path
-    raise SystemExit(
-        f"--resume {resume}: not a checkpoint folder (RUN/{CHECKPOINTS}/epoch_NNNN) or a run folder"
-    )
-
-
-def save_checkpoint(accelerator: Any, run_dir: Path, epoch: int, keep: int) -> Path | None:
-    """``accelerator.save_state`` into ``checkpoints/epoch_NNNN`` via a temporary folder and a rename.
-
-    All processes take part (each saves its RNG state); the main process renames the finished folder and
-    keeps the newest ``keep`` checkpoints. Returns the folder (None when ``keep`` is 0).
-    """
-    if keep <= 0:
-        return None
-    folder = Path(run_dir) / CHECKPOINTS
-    final = folder / f"epoch_{epoch:04d}"
-    tmp = folder / f".tmp-epoch_{epoch:04d}"
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(".tmp-epoch_*"):  # left by a run killed while saving
-            shutil.rmtree(stale, ignore_errors=True)
-        for old in folder.glob(".old-epoch_*"):  # killed while replacing: the old one is whole, keep it
-            kept = folder / old.name[len(".old-") :]
-            if kept.exists():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(old, kept)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _fsync_tree(tmp)
-        old = folder / f".old-epoch_{epoch:04d}"
-        if final.exists():  # renamed aside, not deleted in place: a kill never leaves half of it listed
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        for _, previous in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(previous, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def abandon_later_epochs(run_dir: Path, epoch: int, metrics: dict[str, Any]) -> Path | None:
-    """Before a run resumes from the checkpoint of ``epoch``, move what it did after that epoch (a branch the
-    rewind abandons) to ``RUN/abandoned/after_epoch_NNNN[-k]/``: checkpoints of later epochs (else
-    ``--resume`` would continue from them, and pruning would delete the one resumed from) and the
-    ``model_*.safetensors`` whose epoch in ``metrics`` (the run's ``run.json``) is later. Returns the folder
-    (None when nothing was later)."""
-    later = [p for e, p in list_checkpoints(run_dir) if e > epoch]
-    weights = [
-        run_dir / f"model_{name}.safetensors"
-        for name in WEIGHTS
-        if (metrics.get(name) or {}).get("epoch", 0) > epoch
-        and (run_dir / f"model_{name}.safetensors").exists()
-    ]
-    if not later and not weights:
-        return None
-    dest = base = Path(run_dir) / ABANDONED / f"after_epoch_{epoch:04d}"
-    k = 1
-    while dest.exists():  # rewound to this epoch before: keep that branch too
-        k += 1
-        dest = base.with_name(f"{base.name}-{k}")
-    (dest / CHECKPOINTS).mkdir(parents=True)
-    for path in later:
-        os.replace(path, dest / CHECKPOINTS / path.name)
-    for path in weights:
-        os.replace(path, dest / path.name)
-    return dest
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
 
 
 def write_run_json(path: Path, run: dict[str, Any]) -> None:

@@ -5,8 +5,9 @@
     python recipes/study.py cpu_fig2_convnet20 --data-dir ../shared/data/cifar10-jpeg --seeds 0 1
     python recipes/study.py cpu_fig2_convnet20 --report          # table.md and curves.png only
 
-A study is the configs ``recipes/configs/<study>_*.yaml`` (one per arm); each arm runs once per seed, in
-``--runs/<study>/<arm>_s<seed>`` (``recipes/train.py -c <config> --seed S``, its log in ``train.log`` there).
+A study is the configs ``timm_svb/recipe/configs/<study>_*.yaml`` (one per arm); each arm runs once per
+seed, in ``--runs/<study>/<arm>_s<seed>`` (``python -m timm_svb.recipe -c <config> --seed S``, as
+``recipes/train.py``; its log in ``train.log`` there).
 A run whose record is in ``--results`` (or whose run folder says it finished) is skipped, a stopped one
 resumed (``--resume``), so the same command continues a study that was cut short, also in a fresh checkout.
 After every finished run, its ``summary.csv``, ``args.yaml`` and ``run.json`` (no weights) are copied to
@@ -39,7 +40,7 @@ def arms(study: str) -> dict[str, Path]:
     found = {p.stem[len(study) + 1 :]: p for p in sorted(CONFIGS.glob(f"{study}_*.yaml"))}
     if not found:
         known = sorted({p.stem.rsplit("_", 1)[0] for p in CONFIGS.glob("cpu_*.yaml")})
-        raise SystemExit(f"no configs recipes/configs/{study}_*.yaml; studies with configs: {known}")
+        raise SystemExit(f"no configs timm_svb/recipe/configs/{study}_*.yaml; studies with configs: {known}")
     return found
 
 
@@ -115,6 +116,7 @@ def _mean_std(values: list[float]) -> str:
 def report(study: str, results: Path) -> Path:
     """Write ``table.md`` and ``curves.png`` of the finished runs under ``results/<study>``."""
     from timm_svb.curves import plot_curves  # noqa: PLC0415
+    from timm_svb.hub.card import data_label  # noqa: PLC0415
 
     folder = results / study
     runs = sorted(p.parent for p in folder.glob("*/run.json"))
@@ -122,7 +124,7 @@ def report(study: str, results: Path) -> Path:
         raise SystemExit(f"no finished runs under {folder}")
     first = json.loads((runs[0] / "run.json").read_text(encoding="utf-8"))
     cores = json.loads((runs[0] / "machine.json").read_text(encoding="utf-8"))["cores"]
-    label = f"CIFAR-10 (JPEG q75 copy), {first['epochs']} epochs, {cores} CPU cores"
+    label = f"{data_label(first['dataset'])}, {first['epochs']} epochs, {cores} CPU cores"
     lines = [
         f"# {study}: top-1 test error (%), {label}",
         "",

@@ -7,17 +7,22 @@
 4. :func:`build_loaders`: the model's preprocessing, the training augmentation, the loaders, mixup and the
    loss;
 5. :func:`build_optimizer`: parameter groups, optimizer, learning-rate schedule, the SVB plugin;
-6. :func:`prepare`: ``accelerator.prepare``, the model EMA, what a checkpoint holds, resuming;
-7. :func:`start_record`: ``run.json``, ``args.yaml`` and the trackers;
+6. :func:`prepare`: ``accelerator.prepare``, the model EMA, what a checkpoint holds, resuming
+   (:mod:`.checkpoint`);
+7. :func:`start_report`: ``run.json``, ``args.yaml`` and the trackers (:mod:`.reporting`);
 8. :func:`train_epochs`: every epoch trains, tests the model (and its EMA), records, checkpoints and logs;
 9. :func:`finish`: the final weights and plots, the closing lines.
 
-Each stage takes the parsed options and what earlier stages built, and returns what later ones use; where a
-setting takes effect is the stage that reads it.
+Each stage takes the parsed options and what earlier stages built (small typed objects: :class:`RunSetup`,
+:class:`RunData`, :class:`BuiltModel`, :class:`Loaders`, :class:`Optimization`, then :class:`PreparedRun`,
+which holds them all), and returns what later ones use; where a setting takes effect is the stage that reads
+it. :func:`main` parses the command line and runs :func:`fit` (or, with ``--eval-only``,
+:func:`validate.eval_only`).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -25,7 +30,6 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +40,6 @@ from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from accelerate.utils import (
     GradientAccumulationPlugin,
     TorchDynamoPlugin,
-    broadcast_object_list,
-    is_tensorboard_available,
     set_seed,
 )
 from timm.data import Mixup
@@ -47,9 +49,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import timm_svb
-from timm_svb.curves import plot_curves
-from timm_svb.spectrum import model_spectrum, plot_spectra, spectrum_summary
+from timm_svb.spectrum import model_spectrum, plot_spectra
 
+from .checkpoint import (
+    checkpoint_plain_weights,
+    load_weights,
+    resume,
+    resume_changes,
+    rewind,
+    run_folder,
+    save_checkpoint,
+)
 from .data import (
     DIGITS,
     DataError,
@@ -77,69 +87,34 @@ from .loop import (
     train_one_epoch,
 )
 from .memory_data import (
-    MemoryPlan,
-    MemorySplit,
-    decode_split,
-    default_cache_dir,
+    decode_splits,
     memory_loader,
-    plan_memory_path,
-    split_nbytes,
+    memory_plans,
 )
-from .options import build_parser, parse_args, run_of_weights
+from .options import parse_args, run_of_weights
+from .reporting import (
+    RUN_NAME_KWARGS,
+    RunReport,
+    band_epsilon,
+    flat_hparams,
+    log_epoch,
+    log_svb_schedule,
+    setup_logging,
+    solved_extreme,
+    svb_row,
+    trackers,
+)
 from .rundir import (
     RunState,
-    abandon_later_epochs,
     atomic_write_text,
-    find_checkpoint,
-    jsonable,
-    load_plain_weights,
-    plain_state_dict,
-    save_checkpoint,
     save_weights,
-    write_run_json,
-    write_summary,
 )
 from .validate import eval_only
 
-__all__ = ["TrainResult", "fit", "make_accelerator"]
+__all__ = ["TrainResult", "cli", "fit", "main", "make_accelerator", "run_in_process"]
 
-_logger = logging.getLogger("recipes.train")
+_logger = logging.getLogger(__name__)
 
-# What a resumed run cannot change: its checkpoint's weights, data order and random state depend on them.
-RESUME_FIXED = (
-    "model",
-    "model_kwargs",
-    "num_classes",
-    "dataset",
-    "train_split",
-    "train_subset",
-    "batch_size",
-    "seed",
-    "streaming",
-    # ... and the optimizer's parameter groups and what the checkpoint holds
-    "filter_bias_and_bn",
-    "head_lr_scale",
-    "freeze_backbone",
-    "model_ema",
-)
-# Options that do not change what is trained: not reported when they differ on resume.
-RESUME_QUIET = (
-    "config",
-    "data_cache",
-    "resume",
-    "output",
-    "stop_after",
-    "max_steps",
-    "progress",
-    "log_interval",
-    "log_with",
-    "checkpoint_hist",
-    "spectrum_every",
-    "experiment",
-    "run_name",
-)
-# Where trackers that name runs take --run-name (Accelerate passes init_kwargs[tracker] to each).
-RUN_NAME_KWARGS = {"wandb": "name", "mlflow": "run_name", "trackio": "name", "clearml": "task_name"}
 # BN and BBN statistics from fewer images per process than this get a warning (and a pointer to --sync-bn).
 MIN_BN_BATCH = 32
 
@@ -193,19 +168,19 @@ def run_in_process(argv: list[str]) -> TrainResult:
         reset()
 
 
-def fit(args: Any) -> TrainResult:
+def fit(args: argparse.Namespace) -> TrainResult:
     """Train as ``args`` (from :func:`options.parse_args`) says; see ``recipes/train.py --help``."""
     given = dict(vars(args))  # as parsed, before anything is resolved: recorded, and compared on resume
     check_hub_reachable(args.dataset, args.data_dir)  # offline: refused at once, before the run folder exists
     setup = setup_run(args, given)
-    data, num_classes = load_data(args, setup.accelerator)
-    model, model_kwargs, frozen_bn = build_model(args, setup.accelerator, num_classes)
-    loaders = build_loaders(args, setup.accelerator, data, model, num_classes)
-    optim = build_optimizer(args, model, loaders.steps_per_epoch, setup)
-    run = prepare(args, setup, model, loaders, optim, frozen_bn)
-    record = start_record(args, given, setup, data, model_kwargs, loaders, optim, run)
-    train_epochs(args, setup.accelerator, run, optim.svb, record)
-    return finish(args, setup.accelerator, run, optim.svb, record)
+    data = load_data(args, setup)
+    model = build_model(args, setup, data)
+    loaders = build_loaders(args, setup, data, model)
+    optim = build_optimizer(args, setup, model, loaders)
+    run = prepare(args, setup=setup, data=data, model=model, loaders=loaders, optim=optim)
+    report = start_report(args, given, run)
+    train_epochs(args, run, report)
+    return finish(args, run, report)
 
 
 # ------------------------------------------------------------------------------ 1. processes, run folder
@@ -222,7 +197,7 @@ class RunSetup:
     changed: dict[str, list[Any]]  # options a resumed run changes: {name: [run's, now]}
 
 
-def setup_run(args: Any, given: dict[str, Any]) -> RunSetup:
+def setup_run(args: argparse.Namespace, given: dict[str, Any]) -> RunSetup:
     """Start the processes and the ``Accelerator``, find the run folder (and the checkpoint to resume), seed.
 
     Settings that can only be refused here (the global batch against the processes, ``--sync-bn`` on CPUs, a
@@ -233,13 +208,13 @@ def setup_run(args: Any, given: dict[str, Any]) -> RunSetup:
     # torchrun / accelerate launch on machines without an accelerator: gloo on the CPU
     cpu = args.cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available())
     state = PartialState(cpu=cpu)
-    _setup_logging(state.is_main_process)
-    run_dir, resume_from = _run_dir(args, state)
+    setup_logging(state.is_main_process)
+    run_dir, resume_from = run_folder(args, state)
     record = run_dir / "run.json"
     previous = json.loads(record.read_text(encoding="utf-8")) if resume_from and record.is_file() else {}
-    changed = _resume_changes(previous, given, run_dir) if previous else {}
+    changed = resume_changes(previous, given, run_dir) if previous else {}
     if resume_from is not None and state.is_main_process:
-        _abandon_later_epochs(run_dir, resume_from, previous)
+        rewind(run_dir, resume_from, previous)
     state.wait_for_everyone()  # every process has looked at the run folder before the main one writes to it
 
     if args.batch_size % (state.num_processes * args.grad_accum_steps):
@@ -255,7 +230,7 @@ def setup_run(args: Any, given: dict[str, Any]) -> RunSetup:
         grad_accum_steps=args.grad_accum_steps,
         seed=args.seed,
         compile=args.compile,
-        log_with=_trackers(args.log_with),
+        log_with=trackers(args.log_with),
         project_dir=run_dir,
     )
     if args.deterministic:
@@ -278,12 +253,50 @@ def setup_run(args: Any, given: dict[str, Any]) -> RunSetup:
     return RunSetup(accelerator, run_dir, resume_from, previous, changed)
 
 
+def make_accelerator(
+    *,
+    cpu: bool = False,
+    mixed_precision: str | None = None,
+    grad_accum_steps: int = 1,
+    seed: int = 42,
+    compile: str | None = None,
+    log_with: list[str] | None = None,
+    project_dir: Path | None = None,
+) -> Accelerator:
+    """The recipe's Accelerator: the loaders yield global batches (``split_batches``) shuffled by a seeded
+    sampler (the same order on every process and after a resume), gradient accumulation is driven by
+    :func:`.loop.train_one_epoch` (``sync_with_dataloader=False``), which also steps the scheduler after
+    every optimizer step. ``compile`` is a torch.compile backend (``inductor``) or None."""
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=grad_accum_steps, sync_with_dataloader=False
+        ),
+        dataloader_config=DataLoaderConfiguration(
+            split_batches=True, use_seedable_sampler=True, data_seed=seed, non_blocking=True
+        ),
+        step_scheduler_with_optimizer=False,
+        dynamo_plugin=TorchDynamoPlugin(backend=compile) if compile else None,
+        log_with=log_with or None,
+        project_dir=None if project_dir is None else str(project_dir),
+    )
+
+
 # ---------------------------------------------------------------------------------------------- 2. data
 
 
-def load_data(args: Any, accelerator: Accelerator) -> tuple[ImageData, int]:
+@dataclass(frozen=True, kw_only=True)
+class RunData:
+    """The data set and the classifier's outputs (``--num-classes``, by default the data set's classes)."""
+
+    images: ImageData
+    num_classes: int
+
+
+def load_data(args: argparse.Namespace, setup: RunSetup) -> RunData:
     """The data set (its training split streamed with ``--streaming``) and the classifier's outputs."""
-    with accelerator.local_main_process_first():  # one download / cache per node
+    with setup.accelerator.local_main_process_first():  # one download / cache per node
         data = load_image_dataset(
             args.dataset,
             args.data_dir,
@@ -313,25 +326,33 @@ def load_data(args: Any, accelerator: Accelerator) -> tuple[ImageData, int]:
         data.test_split,
         data.num_classes,
     )
-    return data, num_classes
+    return RunData(images=data, num_classes=num_classes)
 
 
 # --------------------------------------------------------------------------------------------- 3. model
 
 
-def build_model(
-    args: Any, accelerator: Accelerator, num_classes: int
-) -> tuple[nn.Module, dict[str, Any], list[nn.Module]]:
+@dataclass(frozen=True, kw_only=True)
+class BuiltModel:
+    """The timm model, the kwargs it was created with (``run.json``'s ``model_kwargs``) and a frozen
+    backbone's BN layers (kept in eval mode while training)."""
+
+    module: nn.Module
+    kwargs: dict[str, Any]
+    frozen_bn: list[nn.Module]
+
+
+def build_model(args: argparse.Namespace, setup: RunSetup, data: RunData) -> BuiltModel:
     """``timm.create_model`` with its kwargs (recorded in ``run.json``), initialised or loaded, SyncBN when
-    asked for, the backbone frozen for ``--freeze-backbone``, in the memory format of the run. Returns the
-    model, its kwargs and the frozen backbone's BN layers (kept in eval mode while training)."""
-    model_kwargs = _model_kwargs(args, num_classes)
+    asked for, the backbone frozen for ``--freeze-backbone``, in the memory format of the run."""
+    accelerator = setup.accelerator
+    model_kwargs = _model_kwargs(args, data.num_classes)
     with accelerator.local_main_process_first():
         model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
     if args.init == "orthogonal" and not args.pretrained:
         timm_svb.orthogonal_init_(model)
     if args.initial_checkpoint:
-        load_initial_checkpoint(model, args.initial_checkpoint, args.model)
+        _load_initial_checkpoint(model, args.initial_checkpoint, args.model)
     if args.sync_bn and accelerator.num_processes > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     else:
@@ -346,15 +367,46 @@ def build_model(
         sum(p.numel() for p in model.parameters()) / 1e6,
         f", {trainable / 1e6:.4f}M trained (--freeze-backbone)" if args.freeze_backbone else "",
     )
-    return model, model_kwargs, frozen_bn
+    return BuiltModel(module=model, kwargs=model_kwargs, frozen_bn=frozen_bn)
 
 
-def _channels_last(args: Any, accelerator: Accelerator) -> bool:
+def _model_kwargs(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
+    kwargs = dict(args.model_kwargs or {})
+    kwargs["num_classes"] = num_classes
+    if args.drop is not None:
+        kwargs["drop_rate"] = args.drop
+    if args.input_size is not None and args.input_size[0] != 3:
+        kwargs["in_chans"] = args.input_size[0]
+    if _is_svb_variant(args.model) and not args.no_svb:
+        if args.svb_epsilon is not None:
+            kwargs["svb_epsilon"] = args.svb_epsilon
+        if args.bbn_epsilon is not None and not args.no_bbn:
+            kwargs["bbn_epsilon"] = args.bbn_epsilon
+    return kwargs
+
+
+def _is_svb_variant(name: str) -> bool:
+    return name.split(".")[0].split(":")[-1].endswith("_svb")
+
+
+def _load_initial_checkpoint(model: nn.Module, path: str, name: str) -> None:
+    """``--initial-checkpoint``: weights for fine-tuning (a classifier of another size is a new one), and a
+    log line saying whether the classifier was kept."""
+    new = load_weights(model, path, name=name, new_head=True)
+    named = run_of_weights(path)
+    source = f" ({name}, as {named[0]} names)" if named is not None and named[1]["model"] == name else ""
+    if new:
+        _logger.info("initial checkpoint %s%s: new classifier (%s)", path, source, ", ".join(new))
+    else:
+        _logger.info("initial checkpoint %s%s: classifier kept (the same number of classes)", path, source)
+
+
+def _channels_last(args: argparse.Namespace, accelerator: Accelerator) -> bool:
     """``--channels-last``, by default on for CPU training (oneDNN runs it faster)."""
     return accelerator.device.type == "cpu" if args.channels_last is None else args.channels_last
 
 
-def _warn_small_bn_batch(args: Any, accelerator: Accelerator, model: nn.Module) -> None:
+def _warn_small_bn_batch(args: argparse.Namespace, accelerator: Accelerator, model: nn.Module) -> None:
     bn_batch = args.batch_size // (accelerator.num_processes * args.grad_accum_steps)
     if (
         bn_batch >= MIN_BN_BATCH
@@ -394,15 +446,14 @@ class Loaders:
     loss_fn: nn.Module  # the training loss (testing uses plain cross-entropy)
 
 
-def build_loaders(
-    args: Any, accelerator: Accelerator, data: ImageData, model: nn.Module, num_classes: int
-) -> Loaders:
+def build_loaders(args: argparse.Namespace, setup: RunSetup, data: RunData, model: BuiltModel) -> Loaders:
     """The model's data config (timm's ``resolve_data_config``, overridden by ``--input-size`` & co.), the
     training augmentation (crop and flip, ``--aa``, ``--reprob``) and the test transform, their loaders
     (``--batch-size`` images per optimizer step in all, ``steps_per_epoch`` full batches an epoch), timm's
     ``Mixup`` and the loss it needs: ``SoftTargetCrossEntropy`` for mixed targets, else
     ``LabelSmoothingCrossEntropy`` (``--smoothing``) or cross-entropy."""
-    data_config = model_data_config(model, args)
+    accelerator, num_classes, data = setup.accelerator, data.num_classes, data.images
+    data_config = model_data_config(model.module, args)
     hflip = args.hflip if args.hflip is not None else (0.0 if data.name == DIGITS else 0.5)
     aug = resolve_aug(args.aug, data_config)
     mode = "L" if data_config["input_size"][0] == 1 else "RGB"
@@ -430,9 +481,9 @@ def build_loaders(
         )
     val_batch = args.validation_batch_size or args.batch_size
     val_batch = -(-val_batch // accelerator.num_processes) * accelerator.num_processes
-    plans = _memory_plans(args, data, train_tf, test_tf, data_config["input_size"])
+    plans = memory_plans(args, data, train_tf, test_tf, data_config["input_size"])
     if plans is not None:
-        train_split, test_split = _decode_splits(args, accelerator, data, mode, plans)
+        train_split, test_split = decode_splits(args, accelerator, data, mode, plans)
         train_loader = memory_loader(train_split, plans[0], train=True, batch_size=args.batch_size)
         test_loader = memory_loader(test_split, plans[1], train=False, batch_size=val_batch)
         workers = 0
@@ -460,66 +511,9 @@ def build_loaders(
     return Loaders(train_loader, test_loader, steps_per_epoch, data_config, resolved, mixup_fn, loss_fn)
 
 
-def _memory_plans(
-    args: Any, data: ImageData, train_tf: Any, test_tf: Any, input_size: tuple[int, int, int]
-) -> tuple[MemoryPlan, MemoryPlan] | None:
-    """The in-memory path's plans for the training and test transforms (``--in-memory``), or None for the
-    per-image loaders; the log says which path and why."""
-    if args.in_memory == "off":
-        _logger.info("data path: per-image loader (--in-memory off)")
-        return None
-    train_plan, why = plan_memory_path(train_tf)
-    test_plan, test_why = plan_memory_path(test_tf)
-    need = split_nbytes(data.num_train + len(data.test), input_size)
-    if data.streamed:
-        why = "--streaming reads the training split as it goes"
-    elif train_plan is None:
-        why = f"training augmentation: {why}"
-    elif test_plan is None:
-        why = f"test transform: {test_why}"
-    elif need > args.in_memory_cap * 2**30:
-        why = f"the decoded splits take {need / 2**30:.2f} GiB, over --in-memory-cap {args.in_memory_cap:g}"
-    else:
-        _logger.info(
-            "data path: in memory (%d + %d images decoded once, %.2f GiB of uint8 on the training device; "
-            "crops, flips and normalisation a batch at a time)",
-            data.num_train,
-            len(data.test),
-            need / 2**30,
-        )
-        return train_plan, test_plan
-    if args.in_memory == "on":
-        raise SystemExit(f"--in-memory on: {why}; drop it (or --in-memory auto) to use the per-image loader")
-    _logger.info("data path: per-image loader (%s)", why)
-    return None
-
-
-def _decode_splits(
-    args: Any, accelerator: Accelerator, data: ImageData, mode: str, plans: tuple[MemoryPlan, MemoryPlan]
-) -> tuple[MemorySplit, MemorySplit]:
-    """Both splits decoded (or read from the decode cache: the node's first process writes it) and moved to
-    the training device."""
-    cache = None if args.data_cache == "none" else (args.data_cache or default_cache_dir())
-    splits = []
-    with accelerator.local_main_process_first():
-        for name, ds, plan in zip(
-            (data.train_split, data.test_split), (data.train, data.test), plans, strict=True
-        ):
-            split = decode_split(
-                ds,
-                data.image_column,
-                data.label_column,
-                mode,
-                plan,
-                cache_dir=cache,
-                progress=args.progress and accelerator.is_local_main_process,
-                desc=f"decode {name}",
-            )
-            splits.append(split.to(accelerator.device))
-    return splits[0], splits[1]
-
-
-def _mixup_and_loss(args: Any, accelerator: Accelerator, num_classes: int) -> tuple[Mixup | None, nn.Module]:
+def _mixup_and_loss(
+    args: argparse.Namespace, accelerator: Accelerator, num_classes: int
+) -> tuple[Mixup | None, nn.Module]:
     """timm's ``Mixup`` (None without ``--mixup`` / ``--cutmix``) and the training loss its targets need."""
     if not (args.mixup > 0 or args.cutmix > 0):
         loss_fn = LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else nn.CrossEntropyLoss()
@@ -563,11 +557,14 @@ class Optimization:
     svb_recipe: dict[str, Any] | None  # ... and the schedule's rules, for run.json's recipe
 
 
-def build_optimizer(args: Any, model: nn.Module, steps_per_epoch: int, setup: RunSetup) -> Optimization:
-    """SGD (the reference) or a timm optimizer over :func:`engine.param_groups` (weight decay off for BN and
+def build_optimizer(
+    args: argparse.Namespace, setup: RunSetup, built: BuiltModel, loaders: Loaders
+) -> Optimization:
+    """SGD (the reference) or a timm optimizer over :func:`.loop.param_groups` (weight decay off for BN and
     biases when fine-tuning, the classifier's ``--head-lr-scale``, frozen parameters left out); the per-step
-    :class:`engine.RecipeLR`; SVB as the model's ``svb_config`` and ``--svb-*`` say, on the schedule of
+    :class:`.loop.RecipeLR`; SVB as the model's ``svb_config`` and ``--svb-*`` say, on the schedule of
     ``--svb-every`` and the reference's rules, leaving frozen layers alone."""
+    model, steps_per_epoch = built.module, loaders.steps_per_epoch
     filter_bias_and_bn, scale = _filter_bias_and_bn(args), args.head_lr_scale
     groups = param_groups(
         model, args.weight_decay, filter_bias_and_bn=filter_bias_and_bn, head_lr_scale=scale
@@ -626,8 +623,26 @@ def build_optimizer(args: Any, model: nn.Module, steps_per_epoch: int, setup: Ru
     return Optimization(optimizer, scheduler, *_make_svb(args, model, settings, steps_per_epoch))
 
 
+def _svb_settings(args: argparse.Namespace, model: nn.Module) -> dict[str, Any] | None:
+    """epsilon / bbn_epsilon of the SVB plugin, or None for no SVB."""
+    config = getattr(model, "svb_config", None)
+    if args.no_svb:
+        return None
+    if config is None and args.svb_epsilon is None and args.bbn_epsilon is None:
+        _logger.info("%s has no svb_config: plain SGD (pass --svb-epsilon to bound it)", args.model)
+        return None
+    config = config or {}
+    epsilon = args.svb_epsilon if args.svb_epsilon is not None else config.get("epsilon", 0.5)
+    bbn = (
+        None
+        if args.no_bbn
+        else (args.bbn_epsilon if args.bbn_epsilon is not None else config.get("bbn_epsilon"))
+    )
+    return {"epsilon": float(epsilon), "bbn_epsilon": None if bbn is None else float(bbn)}
+
+
 def _make_svb(
-    args: Any, model: nn.Module, settings: dict[str, Any], steps_per_epoch: int
+    args: argparse.Namespace, model: nn.Module, settings: dict[str, Any], steps_per_epoch: int
 ) -> tuple[RecordingSVB, dict[str, Any], dict[str, Any]]:
     """The SVB plugin on the schedule of ``--svb-every`` and the reference's two rules, leaving frozen layers
     alone; with run.json's ``svb_config`` and the recipe's ``svb`` entry."""
@@ -653,7 +668,7 @@ def _make_svb(
     )
 
 
-def _filter_bias_and_bn(args: Any) -> bool:
+def _filter_bias_and_bn(args: argparse.Namespace) -> bool:
     """``--filter-bias-and-bn``; by default on when fine-tuning (from ``--pretrained`` weights or an
     ``--initial-checkpoint``)."""
     if args.filter_bias_and_bn is not None:
@@ -661,7 +676,7 @@ def _filter_bias_and_bn(args: Any) -> bool:
     return bool(args.pretrained or args.initial_checkpoint)
 
 
-def _svb_exclude(args: Any, model: nn.Module) -> tuple[str, ...]:
+def _svb_exclude(args: argparse.Namespace, model: nn.Module) -> tuple[str, ...]:
     """What SVB leaves alone: ``--svb-exclude`` and the frozen layers (bounding them would change weights
     that training does not: a frozen backbone must stay as loaded)."""
     return (*(args.svb_exclude or ()), *frozen_layer_names(model))
@@ -670,10 +685,15 @@ def _svb_exclude(args: Any, model: nn.Module) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------------ 6. prepare, resume
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PreparedRun:
-    """The prepared objects and the run's progress."""
+    """Everything the epochs need: the earlier stages' results, the prepared objects and the run's
+    progress."""
 
+    setup: RunSetup
+    data: RunData
+    built: BuiltModel
+    optim: Optimization
     model: nn.Module  # as prepared: inside the DDP / compile wrappers
     plain: nn.Module  # the timm model inside them: what is saved, bounded, measured and returned
     optimizer: torch.optim.Optimizer
@@ -687,23 +707,24 @@ class PreparedRun:
     svb_steps: list[int]  # steps of the whole run after which SVB bounds
     ema: BoundedEMA | None  # --model-ema
     loaders: Loaders  # mixup and the loss of a training batch
-    frozen_bn: list[nn.Module]  # a frozen backbone's BN layers, in eval mode while training
     max_steps_hit: bool = False  # --max-steps stopped the run (train_epochs sets it)
     cut_epoch: bool = False  # ... within an epoch: the last row is of a part of an epoch
 
 
 def prepare(
-    args: Any,
+    args: argparse.Namespace,
+    *,
     setup: RunSetup,
-    model: nn.Module,
+    data: RunData,
+    model: BuiltModel,
     loaders: Loaders,
     optim: Optimization,
-    frozen_bn: list[nn.Module],
 ) -> PreparedRun:
     """``accelerator.prepare`` (device, DDP, compile), the model EMA (of the prepared model, on its device),
     the checkpoint's contents (plain timm weights, the run's progress, SVB's position, the EMA) and, for
     ``--resume``, loading it: the command line's optimizer settings win."""
     accelerator, svb = setup.accelerator, optim.svb
+    built, model = model, model.module  # the prepared model replaces the timm one below
     optimizer, scheduler, train_loader = optim.optimizer, optim.scheduler, loaders.train
     if isinstance(train_loader, FixedLengthLoader):  # a stream: each process reads its own shards
         model, optimizer, test_loader, scheduler = accelerator.prepare(
@@ -720,7 +741,7 @@ def prepare(
     # (unwrap_model with keep_torch_compile=True would put the plain model inside the compiled one and drop
     # DDP's no_sync)
     plain = accelerator.unwrap_model(model, keep_torch_compile=False)
-    _checkpoint_plain_weights(accelerator, plain)
+    checkpoint_plain_weights(accelerator, plain)
     run_state = RunState()
     accelerator.register_for_checkpointing(run_state)
     svb_steps: list[int] = []
@@ -728,31 +749,34 @@ def prepare(
         svb.attach(optimizer)
         accelerator.register_for_checkpointing(svb)
         svb_steps = svb_apply_steps(svb, loaders.steps_per_epoch * args.epochs)
-        _log_svb_schedule(svb, loaders.steps_per_epoch, svb_steps, args.epochs)
+        log_svb_schedule(svb, loaders.steps_per_epoch, svb_steps, args.epochs)
     ema = _make_ema(args, plain, svb) if args.model_ema else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     if setup.resume_from is not None:
-        _resume(setup, optimizer, run_state, args.epochs)
+        resume(setup.accelerator, setup.resume_from, setup.changed, optimizer, run_state, args.epochs)
     return PreparedRun(
-        model,
-        plain,
-        optimizer,
-        train_loader,
-        test_loader,
-        scheduler,
-        run_state,
-        setup.run_dir,
-        loaders.steps_per_epoch,
-        run_state.epoch,
-        svb_steps,
-        ema,
-        loaders,
-        frozen_bn,
+        setup=setup,
+        data=data,
+        built=built,
+        optim=optim,
+        model=model,
+        plain=plain,
+        optimizer=optimizer,
+        train_loader=train_loader,
+        test_loader=test_loader,
+        scheduler=scheduler,
+        state=run_state,
+        run_dir=setup.run_dir,
+        steps_per_epoch=loaders.steps_per_epoch,
+        start_epoch=run_state.epoch,
+        svb_steps=svb_steps,
+        ema=ema,
+        loaders=loaders,
     )
 
 
-def _make_ema(args: Any, plain: nn.Module, svb: RecordingSVB | None) -> BoundedEMA:
+def _make_ema(args: argparse.Namespace, plain: nn.Module, svb: RecordingSVB | None) -> BoundedEMA:
     """``--model-ema`` of the prepared timm model (on its device), bounded by an SVB of its own with the
     model SVB's bands and layer selection whenever that one bounds."""
     return BoundedEMA(
@@ -766,116 +790,13 @@ def _make_ema(args: Any, plain: nn.Module, svb: RecordingSVB | None) -> BoundedE
     )
 
 
-def _resume(setup: RunSetup, optimizer: torch.optim.Optimizer, run_state: RunState, epochs: int) -> None:
-    """Load the checkpoint into everything registered; the command line's optimizer settings (weight decay,
-    momentum, ...; not the scheduled rate) win over the checkpoint's, which ``load_state_dict`` restores."""
-    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    setup.accelerator.load_state(str(setup.resume_from))
-    for group, own in zip(optimizer.param_groups, settings, strict=True):
-        group.update({k: v for k, v in own.items() if k != "lr"})
-    _logger.info(
-        "resumed %s after epoch %d of %d from %s%s",
-        setup.run_dir,
-        run_state.epoch,
-        epochs,
-        setup.resume_from.name,
-        (
-            "; changed on the command line, in effect from epoch "
-            f"{run_state.epoch + 1} on (LR schedule, SVB schedule, optimizer, ...): "
-            + "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in setup.changed.items())
-        )
-        if setup.changed
-        else "",
-    )
+# ---------------------------------------------------------------------------------------- 7. run report
 
 
-def _abandon_later_epochs(run_dir: Path, resume_from: Path, previous: dict[str, Any]) -> None:
-    """A rewind (``--resume`` of an earlier checkpoint than the run's newest) continues on the branch resumed:
-    what the run did after it is moved aside (:func:`rundir.abandon_later_epochs`), and said so."""
-    epoch = int(resume_from.name.split("_")[-1])
-    moved = abandon_later_epochs(run_dir, epoch, previous.get("metrics") or {})
-    if moved is not None:
-        _logger.warning(
-            "resuming %s from epoch %d, before its newest checkpoint: what it did after epoch %d (%s) "
-            "moved to %s; --resume now continues this branch",
-            run_dir,
-            epoch,
-            epoch,
-            ", ".join(sorted(p.name for p in [*moved.iterdir(), *(moved / "checkpoints").iterdir()])),
-            moved,
-        )
-
-
-def _log_svb_schedule(svb: RecordingSVB, steps_per_epoch: int, svb_steps: list[int], epochs: int) -> None:
-    _logger.info(
-        "SVB eps %g, BBN %s: every %d steps (epoch = %d steps), not in the last %d steps of an epoch%s: "
-        "%d times in %d epochs",
-        svb.epsilon,
-        "off" if svb.bbn_epsilon is None else f"eps {svb.bbn_epsilon:g} ({svb.bbn_mode})",
-        svb.every_n_steps,
-        steps_per_epoch,
-        svb.skip_last_steps,
-        ", not in the final epoch" if svb.skip_final_epoch else "",
-        len(svb_steps),
-        epochs,
-    )
-    if not svb_steps:
-        causes = [
-            f"--epochs {epochs} ({steps_per_epoch} steps each)",
-            f"--svb-every ({svb.every_n_steps} steps)",
-        ]
-        if svb.skip_last_steps:
-            causes.append(f"--svb-skip-last {svb.skip_last_steps}")
-        if svb.skip_final_epoch:
-            causes.append("--svb-skip-final-epoch (on by default; --no-svb-skip-final-epoch)")
-        _logger.warning(
-            "SVB is on but its schedule applies it 0 times: this run is plain SGD. The schedule comes from "
-            "%s; train more epochs or change those options",
-            ", ".join(causes),
-        )
-
-
-# ---------------------------------------------------------------------------------------- 7. run record
-
-
-class RunRecord:
-    """``run.json``, ``summary.csv`` and ``curves.png`` of the run, rewritten by the main process as the run
-    goes."""
-
-    def __init__(self, run_dir: Path, run: dict[str, Any], state: RunState, is_main: bool) -> None:
-        self.run_dir, self.run, self.state, self.is_main = run_dir, run, state, is_main
-
-    def write(self, status: str, completed_epochs: int | None = None) -> None:
-        """Record the run's progress with ``status`` (``running``, ``stopped``, ``stopped_max_steps``,
-        ``finished``) and its whole epochs (default: those of its rows)."""
-        if not self.is_main:
-            return
-        self.run["status"] = status
-        self.run["completed_epochs"] = self.state.epoch if completed_epochs is None else completed_epochs
-        # SVB applications so far, which the publisher's model card states (None: no SVB)
-        last = self.state.history[-1] if self.state.history else {}
-        self.run["svb_applied_total"] = (
-            None if self.run["svb_config"] is None else last.get("svb_applied_total", 0)
-        )
-        self.run["metrics"] = self.state.metrics()
-        write_run_json(self.run_dir / "run.json", self.run)
-        write_summary(self.run_dir / "summary.csv", self.state.history)
-        if self.state.history:  # from the files just written, as timm-svb-curves draws any run
-            plot_curves([self.run_dir], self.run_dir / "curves.png", title=f"{self.run_dir.name} ({status})")
-
-
-def start_record(
-    args: Any,
-    given: dict[str, Any],
-    setup: RunSetup,
-    data: ImageData,
-    model_kwargs: dict[str, Any],
-    loaders: Loaders,
-    optim: Optimization,
-    run: PreparedRun,
-) -> RunRecord:
+def start_report(args: argparse.Namespace, given: dict[str, Any], run: PreparedRun) -> RunReport:
     """Write ``run.json`` (what ``hub/publish.py`` and ``--resume`` read) and ``args.yaml``; start the
     trackers (``--log-with``)."""
+    setup, loaders, optim, model_kwargs = run.setup, run.loaders, run.optim, run.built.kwargs
     accelerator = setup.accelerator
     pretrained_cfg = dict(getattr(run.plain, "pretrained_cfg", {}) or {})
     pretrained_cfg.update(loaders.data_config)
@@ -895,14 +816,14 @@ def start_record(
         resumes.append(
             {"after_epoch": run.start_epoch, "checkpoint": setup.resume_from.name, "changed": setup.changed}
         )
-    record = RunRecord(
+    report = RunReport(
         run.run_dir,
         {
             "model": args.model,
             "model_kwargs": model_kwargs,
             "num_classes": model_kwargs["num_classes"],
             "svb_config": optim.svb_config,
-            "dataset": data.describe(),
+            "dataset": run.data.images.describe(),
             "recipe": recipe,
             "args": given,
             "resumes": resumes,
@@ -928,15 +849,15 @@ def start_record(
             best = getattr(run.state, name)
             if best is not None and best["epoch"] == run.state.epoch:  # the save may have been cut short
                 save_weights(_weights_of(run, name), run.run_dir / f"model_{name}.safetensors")
-        record.write("running")
-    if _trackers(args.log_with):
+        report.write("running")
+    if trackers(args.log_with):
         run_name = args.run_name or run.run_dir.name
         accelerator.init_trackers(
             args.experiment,
-            config=_flat_hparams(recipe),
+            config=flat_hparams(recipe),
             init_kwargs={tracker: {key: run_name} for tracker, key in RUN_NAME_KWARGS.items()},
         )
-    return record
+    return report
 
 
 def _weights_of(run: PreparedRun, name: str) -> nn.Module:
@@ -947,13 +868,12 @@ def _weights_of(run: PreparedRun, name: str) -> nn.Module:
 # -------------------------------------------------------------------------------------------- 8. epochs
 
 
-def train_epochs(
-    args: Any, accelerator: Accelerator, run: PreparedRun, svb: RecordingSVB | None, record: RunRecord
-) -> None:
+def train_epochs(args: argparse.Namespace, run: PreparedRun, report: RunReport) -> None:
     """Every epoch (up to ``--epochs``, or ``--stop-after`` in this invocation): train (mixup, loss, the EMA
     updated and SVB applied after optimizer steps), average the BN statistics over the processes, test the
     model and its EMA, record a ``summary.csv`` row, checkpoint, save the best weights, log to the trackers
     and the console."""
+    accelerator, svb = run.setup.accelerator, run.optim.svb
     stop_at = args.epochs if args.stop_after is None else min(args.epochs, run.start_epoch + args.stop_after)
     channels_last = _channels_last(args, accelerator)
     ema_svb = run.ema.svb if run.ema is not None else None
@@ -990,7 +910,7 @@ def train_epochs(
             loss_fn=run.loaders.loss_fn,
             mixup_fn=run.loaders.mixup_fn,
             ema=run.ema,
-            eval_modules=run.frozen_bn,
+            eval_modules=run.built.frozen_bn,
             clip_grad=args.clip_grad,
             channels_last=channels_last,
             progress=args.progress,
@@ -1017,111 +937,42 @@ def train_epochs(
             row.update({f"{prefix}test_loss": metrics["loss"]})
             row.update({f"{prefix}{k}": metrics[k] for k in ("top1_err", "top5_err")})
         if svb is not None:
-            row.update(_svb_row(svb, applied_before))
+            row.update(svb_row(svb, applied_before))
         if ema_svb is not None:
             stats = ema_svb.last_stats
             row.update(
                 ema_svb_clipped=stats.clipped if stats else None,
-                ema_svb_sv_min=_solved_extreme(stats.sv_min) if stats else None,
-                ema_svb_sv_max=_solved_extreme(stats.sv_max) if stats else None,
+                ema_svb_sv_min=solved_extreme(stats.sv_min) if stats else None,
+                ema_svb_sv_max=solved_extreme(stats.sv_max) if stats else None,
             )
-        new_best = run.state.record(row)
+        new_best = run.state.add_epoch(row)
         if not cut:  # a resumed run starts at an epoch's beginning: a cut epoch is not checkpointed
             save_checkpoint(accelerator, run.run_dir, epoch + 1, args.checkpoint_hist)
         if accelerator.is_main_process:
             for name in new_best:
                 save_weights(_weights_of(run, name), run.run_dir / f"model_{name}.safetensors")
-        _log_epoch(args, accelerator, run, svb, row, epoch)
+        log_epoch(args, accelerator, run.plain, svb, row, epoch)
         if cut:
             run.max_steps_hit = run.cut_epoch = True
             break
-        record.write("running")
-
-
-def _svb_row(svb: RecordingSVB, applied_before: int) -> dict[str, Any]:
-    """The SVB columns of an epoch's ``summary.csv`` row: its applications and what the last one saw."""
-    stats = svb.last_stats
-    return {
-        "svb_applied": svb.num_applied - applied_before,
-        "svb_applied_total": svb.num_applied,
-        "svb_s": svb.seconds,
-        "svb_clipped": stats.clipped if stats else None,
-        "svb_sv_min": _solved_extreme(stats.sv_min) if stats else None,
-        "svb_sv_max": _solved_extreme(stats.sv_max) if stats else None,
-        "bbn_clipped": stats.bn_clipped if stats else None,
-    }
-
-
-def _log_epoch(
-    args: Any,
-    accelerator: Accelerator,
-    run: PreparedRun,
-    svb: RecordingSVB | None,
-    row: dict[str, Any],
-    epoch: int,
-) -> None:
-    """An epoch's row to the trackers (with spectrum statistics every ``--spectrum-every`` epochs) and the
-    console."""
-    spectrum = {}
-    # main process only: the other processes hold the same weights and the trackers live on the main one
-    if accelerator.is_main_process and args.spectrum_every and (epoch + 1) % args.spectrum_every == 0:
-        spectrum = spectrum_summary(model_spectrum(run.plain), epsilon=_band_epsilon(svb))
-    extra = {}
-    if svb is not None:
-        last = svb.last_stats.to_dict() if svb.last_stats else {}
-        extra = {"svb/applied": row["svb_applied"], **last}
-    if row["train_top1_err"] is not None:  # not with mixed targets
-        extra["train/top1_err"] = row["train_top1_err"]
-    if run.ema is not None:
-        extra.update({f"test_ema/{k}": row[f"ema_{k}"] for k in ("top1_err", "top5_err")})
-        extra["test_ema/loss"] = row["ema_test_loss"]
-    accelerator.log(
-        {
-            **spectrum,
-            "train/loss": row["train_loss"],
-            "train/lr": row["lr"],
-            "train/images_per_s": row["images_per_s"],
-            "test/top1_err": row["top1_err"],
-            "test/top5_err": row["top5_err"],
-            "test/loss": row["test_loss"],
-            **extra,
-        },
-        step=epoch + 1,
-    )
-    text = ""
-    if run.ema is not None:
-        text += f"  EMA top-1 err {row['ema_top1_err']:.2f}%"
-    if svb is not None and row["svb_applied"]:
-        text += f"  SVB x{row['svb_applied']} ({_describe_svb(svb.last_stats)}, {svb.seconds:.2f}s)"
-    _logger.info(
-        "epoch %d/%d  lr %.4g  train loss %.4f  test top-1 err %.2f%%  top-5 err %.2f%%  %.0f img/s%s",
-        epoch + 1,
-        args.epochs,
-        row["lr"],
-        row["train_loss"],
-        row["top1_err"],
-        row["top5_err"],
-        row["images_per_s"],
-        text,
-    )
+        report.write("running")
 
 
 # -------------------------------------------------------------------------------------------- 9. finish
 
 
-def finish(
-    args: Any, accelerator: Accelerator, run: PreparedRun, svb: RecordingSVB | None, record: RunRecord
-) -> TrainResult:
+def finish(args: argparse.Namespace, run: PreparedRun, report: RunReport) -> TrainResult:
     """After the last epoch: ``model_final.safetensors`` (and ``model_final_ema``) and ``spectra.png``; the
     record's final status; the trackers closed; the test error and the run folder printed."""
+    accelerator, svb = run.setup.accelerator, run.optim.svb
     state = run.state
     finished = state.epoch >= args.epochs and not run.max_steps_hit
     if accelerator.is_main_process and finished:
         for name in ("final", "final_ema") if run.ema is not None else ("final",):
             save_weights(_weights_of(run, name), run.run_dir / f"model_{name}.safetensors")
-        plot_spectra({args.model: model_spectrum(run.plain)}, run.run_dir / "spectra.png", _band_epsilon(svb))
+        plot_spectra({args.model: model_spectrum(run.plain)}, run.run_dir / "spectra.png", band_epsilon(svb))
     status = "finished" if finished else "stopped_max_steps" if run.max_steps_hit else "stopped"
-    record.write(status, completed_epochs=state.epoch - run.cut_epoch)
+    report.write(status, completed_epochs=state.epoch - run.cut_epoch)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if finished and state.history:
@@ -1151,247 +1002,6 @@ def finish(
         finished=finished,
         start_epoch=run.start_epoch,
         svb_steps=run.svb_steps,
-        run=record.run,
+        run=report.run,
         ema=run.ema,
-    )
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-
-
-def _setup_logging(is_main: bool) -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    level = logging.INFO if is_main else logging.WARNING
-    for name in ("recipes.train", "recipes.data"):
-        logging.getLogger(name).setLevel(level)
-
-
-def _trackers(value: str) -> list[str]:
-    value = (value or "none").strip().lower()
-    if value == "auto":
-        return ["tensorboard"] if is_tensorboard_available() else []
-    if value in ("none", "", "no"):
-        return []
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _run_dir(args: Any, state: PartialState) -> tuple[Path, Path | None]:
-    """The run folder and the checkpoint to resume (None for a new run); the same on every process."""
-    if args.resume:
-        checkpoint, run_dir = find_checkpoint(args.resume, args.output)
-        return run_dir, checkpoint
-    if args.output:
-        run_dir = Path(args.output)
-    elif args.run_name:
-        run_dir = Path("runs") / args.run_name
-    else:
-        stamp = [datetime.now().strftime("%Y%m%d-%H%M%S")]
-        if state.num_processes > 1:
-            broadcast_object_list(stamp)
-        run_dir = Path("runs") / f"{stamp[0]}-{args.model.replace('/', '_')}"
-    if (run_dir / "run.json").exists():
-        raise SystemExit(
-            f"{run_dir} already holds a run: continue it with --resume --output {run_dir}, or choose another "
-            "--output"
-        )
-    return run_dir, None
-
-
-def _is_svb_variant(name: str) -> bool:
-    return name.split(".")[0].split(":")[-1].endswith("_svb")
-
-
-def _model_kwargs(args: Any, num_classes: int) -> dict[str, Any]:
-    kwargs = dict(args.model_kwargs or {})
-    kwargs["num_classes"] = num_classes
-    if args.drop is not None:
-        kwargs["drop_rate"] = args.drop
-    if args.input_size is not None and args.input_size[0] != 3:
-        kwargs["in_chans"] = args.input_size[0]
-    if _is_svb_variant(args.model) and not args.no_svb:
-        if args.svb_epsilon is not None:
-            kwargs["svb_epsilon"] = args.svb_epsilon
-        if args.bbn_epsilon is not None and not args.no_bbn:
-            kwargs["bbn_epsilon"] = args.bbn_epsilon
-    return kwargs
-
-
-def load_initial_checkpoint(model: nn.Module, path: str, name: str) -> None:
-    """Load weights for fine-tuning into ``model`` (timm's ``name``); classifier tensors of another shape are
-    dropped (a new head). Logs whether the classifier was kept; a refusal names the model that ``run.json``
-    beside the weights says they are (or asks for ``--model``)."""
-    state = plain_state_dict(timm.models.load_state_dict(path, weights_only=True))
-    own = model.state_dict()
-    classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
-    prefixes = (
-        tuple(classifier) if isinstance(classifier, (list, tuple)) else ((classifier,) if classifier else ())
-    )
-    named = run_of_weights(path)
-    if named is None:
-        hint = "no run.json beside them names their model: pass the --model (and --model-kwargs) they were "
-        hint += "trained with"
-    else:
-        record, run = named
-        kwargs = {k: v for k, v in (run.get("model_kwargs") or {}).items() if k != "num_classes"}
-        hint = (
-            f"{record} says they are {run['model']} with model kwargs {kwargs}: leave --model out to take "
-            "both from there, or pass them"
-        )
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    wrong = [k for k in mismatched if not k.startswith(prefixes)]
-    if wrong:
-        raise SystemExit(
-            f"--initial-checkpoint {path} does not fit {name}: shapes differ for {wrong[:5]}; {hint}"
-        )
-    for k in mismatched:
-        del state[k]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in mismatched]
-    if missing or unexpected:
-        raise SystemExit(
-            f"--initial-checkpoint {path} does not fit {name}: missing keys {missing[:5]}, unexpected keys "
-            f"{unexpected[:5]}; {hint}"
-        )
-    source = f" ({name}, as {named[0]} names)" if named is not None and named[1]["model"] == name else ""
-    if mismatched:
-        _logger.info("initial checkpoint %s%s: new classifier (%s)", path, source, ", ".join(mismatched))
-    else:
-        _logger.info("initial checkpoint %s%s: classifier kept (the same number of classes)", path, source)
-
-
-def _svb_settings(args: Any, model: nn.Module) -> dict[str, Any] | None:
-    """epsilon / bbn_epsilon of the SVB plugin, or None for no SVB."""
-    config = getattr(model, "svb_config", None)
-    if args.no_svb:
-        return None
-    if config is None and args.svb_epsilon is None and args.bbn_epsilon is None:
-        _logger.info("%s has no svb_config: plain SGD (pass --svb-epsilon to bound it)", args.model)
-        return None
-    config = config or {}
-    epsilon = args.svb_epsilon if args.svb_epsilon is not None else config.get("epsilon", 0.5)
-    bbn = (
-        None
-        if args.no_bbn
-        else (args.bbn_epsilon if args.bbn_epsilon is not None else config.get("bbn_epsilon"))
-    )
-    return {"epsilon": float(epsilon), "bbn_epsilon": None if bbn is None else float(bbn)}
-
-
-def _resume_changes(record: dict[str, Any], args: dict[str, Any], run_dir: Path) -> dict[str, list[Any]]:
-    """The options of a resumed run that differ from its record (``run.json``): ``{name: [run's, now]}``.
-
-    One rule: the command line wins (the LR schedule, SVB's schedule, the optimizer and everything else take
-    the new values from the resumed epoch on), except for :data:`RESUME_FIXED`, which are refused.
-    """
-    before = record.get("args")
-    if before is None:  # a run of an earlier version: its recipe, less the options it holds resolved
-        resolved = ("hflip", "aug", "workers", "mixed_precision", "channels_last")
-        before = {k: v for k, v in record.get("recipe", {}).items() if k not in resolved}
-    # a fixed option the run's version did not have yet: that run had what its default does now
-    parser = build_parser()
-    before = {**{k: parser.get_default(k) for k in RESUME_FIXED if k not in before}, **before}
-    now = jsonable(args)
-    changed = {
-        k: [before[k], v] for k, v in now.items() if k in before and before[k] != v and k not in RESUME_QUIET
-    }
-    fixed = [k for k in RESUME_FIXED if k in changed]
-    if fixed:
-        raise SystemExit(
-            "cannot resume with another "
-            + ", ".join(
-                f"--{k.replace('_', '-')} ({changed[k][0]!r} in the run, {changed[k][1]!r} now)"
-                for k in fixed
-            )
-            + ": the checkpoint's weights, data order, random state and optimizer state depend on it. Resume "
-            f"{run_dir} without changing it, or start a new run from its weights with --initial-checkpoint "
-            f"{run_dir / 'model_final.safetensors'} (or model_best)"
-        )
-    return changed
-
-
-def _checkpoint_plain_weights(accelerator: Accelerator, plain: nn.Module) -> None:
-    """Make ``accelerator.save_state`` / ``load_state`` use the timm model's own state dict.
-
-    Accelerate saves the prepared model through its wrappers (``_orig_mod.`` keys under torch.compile,
-    ``module.`` under DDP), so a checkpoint would only resume under the same wrappers. With these hooks (the
-    pattern of Accelerate's ``register_*_state_pre_hook``) the checkpoint holds plain keys and loads into the
-    plain module: a run resumes with or without ``--compile``, and under DDP or not.
-    """
-
-    def ours(model: nn.Module) -> bool:
-        return accelerator.unwrap_model(model, keep_torch_compile=False) is plain
-
-    def save_hook(models: list[nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
-        for i, model in enumerate(models):
-            if ours(model):
-                weights[i] = plain.state_dict()
-
-    def load_hook(models: list[nn.Module], input_dir: str) -> None:
-        if [ours(m) for m in models] != [True]:
-            raise RuntimeError("the recipe checkpoints exactly one model")
-        models.clear()  # loaded here, not by Accelerate
-        load_plain_weights(plain, Path(input_dir) / "model.safetensors")
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def _flat_hparams(config: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in config.items():
-        out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
-def _band_epsilon(svb: Any) -> float:
-    """The SVB band drawn in spectrum plots: the run's epsilon, or the paper's 0.5 without SVB."""
-    return svb.epsilon if svb is not None else 0.5
-
-
-def _solved_extreme(value: float) -> float | None:
-    """``SVBStats.sv_min`` / ``sv_max`` for summary.csv: None (an empty cell) when the certificate proved
-    every layer in band, so no solver computed singular values."""
-    return None if math.isnan(value) else value
-
-
-def _describe_svb(stats: Any) -> str:
-    if stats is None:
-        return ""
-    text = f"{stats.certified}/{stats.layers} layers certified in band"
-    if stats.certified < stats.layers:
-        text += f", sv {stats.sv_min:.3f}..{stats.sv_max:.3f} in the others"
-    text += f", {stats.clipped} clipped"
-    if stats.bn_layers:
-        text += f", {stats.bn_clipped} BN scales bounded"
-    return text
-
-
-def make_accelerator(
-    *,
-    cpu: bool = False,
-    mixed_precision: str | None = None,
-    grad_accum_steps: int = 1,
-    seed: int = 42,
-    compile: str | None = None,
-    log_with: list[str] | None = None,
-    project_dir: Path | None = None,
-) -> Accelerator:
-    """The recipe's Accelerator: the loaders yield global batches (``split_batches``) shuffled by a seeded
-    sampler (the same order on every process and after a resume), gradient accumulation is driven by
-    :func:`engine.train_one_epoch` (``sync_with_dataloader=False``), which also steps the scheduler after
-    every optimizer step. ``compile`` is a torch.compile backend (``inductor``) or None."""
-    return Accelerator(
-        cpu=cpu,
-        mixed_precision=mixed_precision,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=grad_accum_steps, sync_with_dataloader=False
-        ),
-        dataloader_config=DataLoaderConfiguration(
-            split_batches=True, use_seedable_sampler=True, data_seed=seed, non_blocking=True
-        ),
-        step_scheduler_with_optimizer=False,
-        dynamo_plugin=TorchDynamoPlugin(backend=compile) if compile else None,
-        log_with=log_with or None,
-        project_dir=None if project_dir is None else str(project_dir),
     )

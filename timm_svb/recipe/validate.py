@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 import timm_svb  # noqa: F401  (registers the zoo)
 
+from .checkpoint import load_weights
 from .data import (
     DIGITS,
     DataError,
@@ -47,29 +48,25 @@ from .data import (
 )
 from .loop import evaluate
 from .options import ParseKwargs
-from .rundir import WEIGHTS, atomic_write_text, jsonable, plain_state_dict
+from .rundir import WEIGHTS, atomic_write_text, jsonable
 
-__all__ = ["build_parser", "evaluate_run_model", "load_checkpoint", "main", "validate"]
+__all__ = ["build_parser", "eval_only", "evaluate_run_model", "main", "validate"]
 
-_logger = logging.getLogger("recipes.validate")
+_logger = logging.getLogger(__name__)
 
 
 def _device(cpu: bool = False) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load a weights file strictly into ``model``: safetensors, or a torch file read with
-    ``weights_only=True`` (a timm checkpoint's ``state_dict``), wrapper prefixes dropped. A classifier of
-    another size names the fix (``--num-classes``)."""
-    state = plain_state_dict(timm.models.load_state_dict(str(path), weights_only=True))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise SystemExit(
-            f"{path} does not fit {type(model).__name__} with {model.num_classes} classes (another "
-            f"--num-classes, --model or --model-kwargs?): {str(e).splitlines()[0]} ..."
-        ) from e
+def _evaluate_on(
+    device: torch.device, model: nn.Module, loader: Any, channels_last: bool, mixed_precision: str | None
+) -> dict[str, float]:
+    """:func:`.loop.evaluate` (the recipe's one evaluation, also of every training epoch) of ``model`` on
+    ``device`` in the memory format and precision given."""
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return evaluate(model.to(device), loader, channels_last=channels_last, mixed_precision=mixed_precision)
 
 
 # -------------------------------------------------------------------------------------------- run folders
@@ -114,15 +111,9 @@ def evaluate_run_model(
     batch = batch_size or recipe.get("validation_batch_size") or recipe.get("batch_size") or 128
     workers = workers if workers is not None else (4 if device.type == "cuda" else 0)
     loader = build_test_loader(run, batch_size=batch, workers=workers, data_dir=data_dir)
-    channels_last = bool(recipe.get("channels_last"))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     try:
-        metrics = evaluate(
-            model.to(device),
-            loader,
-            channels_last=channels_last,
-            mixed_precision=recipe.get("mixed_precision"),
+        metrics = _evaluate_on(
+            device, model, loader, bool(recipe.get("channels_last")), recipe.get("mixed_precision")
         )
     finally:
         model.to("cpu")
@@ -145,7 +136,7 @@ def _build_model(args: argparse.Namespace, num_classes: int | None) -> nn.Module
         raise SystemExit("--pretrained and --checkpoint both give weights: pass one of them")
     model = timm.create_model(args.model, pretrained=pretrained, **kwargs)
     if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
+        load_weights(model, args.checkpoint, name=args.model)
     elif not pretrained:
         raise SystemExit(f"{args.model}: no weights to evaluate (--pretrained, --checkpoint FILE)")
     return model.eval()
@@ -179,11 +170,7 @@ def _evaluate_model(args: argparse.Namespace) -> dict[str, Any]:
         dataset, batch_size=args.batch_size, shuffle=False, **loader_kwargs(workers, device.type == "cuda")
     )
     channels_last = args.channels_last if args.channels_last is not None else device.type == "cpu"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    metrics = evaluate(
-        model.to(device), loader, channels_last=channels_last, mixed_precision=args.mixed_precision
-    )
+    metrics = _evaluate_on(device, model, loader, channels_last, args.mixed_precision)
     return {
         **metrics,
         "dataset": data.name,
@@ -271,7 +258,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         weights = "best_ema" if args.weights == "ema" else args.weights
         path, run, weights = _run_weights(args.run, weights)
         model = timm.create_model(run["model"], **run["model_kwargs"])
-        load_checkpoint(model, path)
+        load_weights(model, path, name=run["model"])
         run = {**run, "recipe": {**run.get("recipe", {})}}
         if args.channels_last is not None:
             run["recipe"]["channels_last"] = args.channels_last
@@ -305,36 +292,21 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def eval_only(args: Any) -> dict[str, Any]:
-    """``--eval-only``: ``recipes/validate.py`` with this command's model (``--model``, ``--pretrained``,
+# validate's options that recipes/train.py names otherwise; every other one has the same name in both
+TRAIN_NAMES = {"checkpoint": "initial_checkpoint", "split": "val_split"}
+
+
+def eval_only(args: argparse.Namespace) -> dict[str, Any]:
+    """``--eval-only``: :func:`validate` with the training command's model (``--model``, ``--pretrained``,
     ``--initial-checkpoint`` loaded strictly, ``--num-classes``, ``--model-kwargs``), data and preprocessing
     options; the results go to ``--output``/validate.json when ``--output`` is given."""
     options = build_parser().parse_args([])
-    options.__dict__.update(
-        model=args.model,
-        pretrained=args.pretrained,
-        checkpoint=args.initial_checkpoint,
-        num_classes=args.num_classes,
-        model_kwargs=args.model_kwargs,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        split=args.val_split,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        input_size=args.input_size,
-        mean=args.mean,
-        std=args.std,
-        crop_pct=args.crop_pct,
-        interpolation=args.interpolation,
-        batch_size=args.validation_batch_size or args.batch_size,
-        workers=args.workers,
-        cpu=args.cpu,
-        channels_last=args.channels_last,
-        mixed_precision=args.mixed_precision,
-        results_file=Path(args.output) / "validate.json" if args.output else None,
-    )
+    for name in vars(options).keys() - {"run", "weights", "batch_size", "results_file"}:
+        setattr(options, name, getattr(args, TRAIN_NAMES.get(name, name)))
+    options.batch_size = args.validation_batch_size or args.batch_size
     if args.output:
         Path(args.output).mkdir(parents=True, exist_ok=True)
+        options.results_file = Path(args.output) / "validate.json"
     return validate(options)
 
 
