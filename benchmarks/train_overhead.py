@@ -6,10 +6,10 @@ data (generated images, the same batches in the same order) and the same setting
 Nesterov, weight decay 1e-4), it times:
 
 1. a plain hand-written loop: ``for x, y in loader: zero_grad; cross_entropy(model(x), y).backward(); step``;
-2. the recipe's loop, ``engine.train_one_epoch``, with the recipe's Accelerator
-   (``trainer.make_accelerator``), its learning-rate scheduler set every step (a constant rate here, so that
-   both loops do the same arithmetic) and the SVB + BBN plugin attached, bounding once per 391 steps (the
-   paper: once per epoch, 391 steps for CIFAR at batch 128).
+2. the recipe's loop, ``timm_svb.recipe.loop.train_one_epoch``, with the recipe's Accelerator
+   (``timm_svb.recipe.trainer.make_accelerator``), its learning-rate scheduler set every step (a constant
+   rate here, so that both loops do the same arithmetic) and the SVB + BBN plugin attached, bounding once
+   per 391 steps (the paper: once per epoch, 391 steps for CIFAR at batch 128).
 
 A round is 391 steps of each loop, run in 17 alternating slices of 23 steps (A B, B A, ...), so that the load
 of a shared machine hits both alike; ``--repeats`` rounds follow a warm-up. It prints the steps/s of each

@@ -36,8 +36,8 @@ class DigitsRun:
 def digits_run(tmp_path_factory: pytest.TempPathFactory) -> DigitsRun:
     """The embedded default training (scikit-learn's digits, CPU, no network), shared by the recipe-default
     test and the hub end-to-end tests: the one real run of a few minutes, made once per session. One torch
-    thread, as the README's measured command (``OMP_NUM_THREADS=1 python recipes/train.py``): the thread
-    count changes the figures."""
+    thread, as the measured command of recipes/README.md (``OMP_NUM_THREADS=1 python recipes/train.py``):
+    the thread count changes the figures."""
     cwd = tmp_path_factory.mktemp("digits")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(

@@ -19,7 +19,7 @@ from timm_svb.functional import (
     weight_matrices,
 )
 
-# What the README promises: float32 weights are in band to within this relative slack after SVB (and a
+# What docs/engine.md promises: float32 weights are in band to within this relative slack after SVB (and a
 # matrix within it is left alone); bf16/fp16 weights to within their dtype's machine epsilon.
 PROMISED_SLACK = 2e-5
 HALF_SLACK = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}

@@ -2,7 +2,7 @@
 evaluated, push to an in-memory stand-in for ``HfApi`` (huggingface_hub's own ``upload_folder``), the record
 (checked before any upload, validated, mode kept, locked), ``pretrained=True`` from the record through a
 temporary Hugging Face cache on every loading path with sha256 verification, no pickle ever, and the
-README's maintainer steps end to end."""
+maintainer steps of hub/README.md end to end."""
 
 from __future__ import annotations
 
@@ -1085,9 +1085,9 @@ def test_record_entries_name_exactly_one_weights_source() -> None:
 def test_readme_maintainer_steps_end_to_end(
     digits_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """README "For maintainers", against the stand-in with a record of several entries: train (the shared
-    digits run), dry run with the recipe's re-evaluation, publish, load back from an empty cache as a user,
-    then the release's ``pytest`` of everything that reads the record."""
+    """hub/README.md "For maintainers", against the stand-in with a record of several entries: train (the
+    shared digits run), dry run with the recipe's re-evaluation, publish, load back from an empty cache as a
+    user, then the release's ``pytest`` of everything that reads the record."""
     run_dir = digits_run.run_dir  # step 3
     cache = tmp_path / "cache"
     record = write_json(

@@ -1,5 +1,5 @@
-"""The README's main command: ``python recipes/train.py`` with no arguments, no network, on the CPU (the
-session's shared run, ``conftest.digits_run``)."""
+"""The main command (README.md, recipes/README.md): ``python recipes/train.py`` with no arguments, no
+network, on the CPU (the session's shared run, ``conftest.digits_run``)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The README's fine-tuning walk-through, run as written, offline on the CPU: the weights the package ships,
-listed and fine-tuned on the digits with RandAugment, mixup and EMA, validated, plotted."""
+"""The fine-tuning walk-through of docs/fine-tuning.md, run as written, offline on the CPU: the weights the
+package ships, listed and fine-tuned on the digits with RandAugment, mixup and EMA, validated, plotted."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ from recipe_helpers import REPO, one_thread, optimizer_groups, recipe_trainer, r
 from timm_svb import curves
 from timm_svb.models._pretrained import shipped_weights_path
 
-HEADING = "### Fine-tuning walk-through"
+HEADING = "## Fine-tuning walk-through"
 SHIPPED = "preact_resnet20_svb.c10jpeg"
 
 
 def readme_commands(heading: str) -> list[str]:
-    """The commands of the first ``bash`` block after ``heading`` in the README: continuation lines joined,
-    comments dropped."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    """The commands of the first ``bash`` block after ``heading`` in docs/fine-tuning.md: continuation lines
+    joined, comments dropped."""
+    text = (REPO / "docs" / "fine-tuning.md").read_text(encoding="utf-8")
     block = re.search(r"```bash\n(.*?)```", text[text.index(heading) :], re.DOTALL).group(1)
     lines = [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
     return [line for line in lines if not line.lstrip().startswith("#")]
@@ -39,12 +39,12 @@ def test_readme_fine_tuning_walk_through(
     tuned = validated = None
     for argv in commands:
         if argv[:2] == ["python", "-c"]:
-            exec(argv[2], {})  # noqa: S102  (the README's own one-liner)
+            exec(argv[2], {})  # noqa: S102  (the walk-through's own one-liner)
             assert SHIPPED in capsys.readouterr().out
         elif argv[:2] == ["python", "recipes/train.py"]:
             with optimizer_groups() as steps:
                 tuned = recipe_trainer.run_in_process([*argv[2:], "--no-progress"])
-        elif argv[:2] == ["python", "timm_svb/recipe/validate.py"]:
+        elif argv[:2] == ["python", "recipes/validate.py"]:
             validated = recipe_validate.main(argv[2:])
         elif argv[:3] == ["python", "-m", "timm_svb.curves"]:
             assert curves.main(argv[3:]) == 0

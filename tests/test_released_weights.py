@@ -1,5 +1,5 @@
 """The weights the package ships (record entries with a ``package_file``): each loads offline by name and
-through every path the README lists, its record, package file, release folder and model card agree, and it
+through every path hub/README.md lists, its record, package file, release folder and model card agree, and it
 reproduces its recorded test error on the CIFAR-10 JPEG copy's test split exactly (where the copy is)."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def test_record_package_file_release_and_card_agree(name: str) -> None:
 
 
 def _paths(name: str) -> dict[str, torch.nn.Module]:
-    """Every way the README loads a shipped file."""
+    """Every way hub/README.md loads a shipped file."""
     arch = name.split(".")[0]
     via_load = timm.create_model(name)
     timm.models.load_pretrained(via_load)

@@ -23,7 +23,7 @@ from torch import nn
 import timm_svb.svb
 from timm_svb import SVB, NonFiniteWeightError, SVBError
 
-PROMISED_SLACK = 2e-5  # README: float32 weights in band to within this relative slack after SVB
+PROMISED_SLACK = 2e-5  # docs/engine.md: float32 weights in band to within this relative slack after SVB
 
 
 def small_net(seed: int = 0) -> nn.Module:
