@@ -11,13 +11,14 @@ import os
 import sys
 from collections import defaultdict
 
-import memory_data
 import safetensors.torch
 import torch
 from accelerate import PartialState
 from recipe_helpers import FAST, recipe_data, recipe_reporting, recipe_trainer
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import RandomCrop
+
+from timm_svb.recipe import memory_data
 
 SEEN: dict[str, list] = defaultdict(list)
 

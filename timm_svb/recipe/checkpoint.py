@@ -329,18 +329,17 @@ def load_weights(model: nn.Module, path: str | Path, *, name: str, new_head: boo
     )
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     new = [k for k in mismatched if new_head and k.startswith(prefixes)]
-    for k in new:
-        del state[k]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in new]
     wrong = [k for k in mismatched if k not in new]
-    if wrong or missing or unexpected:
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if wrong or missing or unexpected:  # refused before anything is loaded: the model stays as it was
         found = f"shapes differ for {wrong[:5]}" if wrong else ""
         found += "; " if wrong and (missing or unexpected) else ""
         if missing or unexpected:
             found += f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
         classes = getattr(model, "num_classes", "?")
         raise SystemExit(f"{path} does not fit {name} with {classes} classes: {found}; {_fix(path)}")
+    model.load_state_dict({k: v for k, v in state.items() if k not in new}, strict=False)
     return new
 
 
