@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# the benchmark scripts import each other by name, as when they run; the tests import them the same way
-sys.path.insert(0, str(REPO / "benchmarks"))
+# the benchmark scripts import each other by name, as when they run; the tests import them (and the tools in
+# tools/) the same way
+for folder in ("benchmarks", "tools"):
+    sys.path.insert(0, str(REPO / folder))
 
 
 @dataclass(frozen=True)

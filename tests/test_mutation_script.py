@@ -1,4 +1,4 @@
-"""The mutation check (tests/mutation.py) itself: its patches are valid Python and a stale one is reported."""
+"""The mutation check (tools/mutation.py) itself: its patches are valid Python and a stale one is reported."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import importlib
 import textwrap
 from pathlib import Path
 
-import mutation  # tests/mutation.py, beside this file (tests/ is on sys.path, as for recipe_helpers)
+import mutation  # tools/mutation.py (conftest.py puts tools/ on sys.path, as running it does)
 import pytest
 
 

@@ -2,9 +2,9 @@
 
 Run from the repository root (not part of CI: each mutant runs its tests, minutes in all)::
 
-    python tests/mutation.py            # every mutant
-    python tests/mutation.py --list     # names and what each breaks
-    python tests/mutation.py NAME ...   # some of them
+    python tools/mutation.py            # every mutant
+    python tools/mutation.py --list     # names and what each breaks
+    python tools/mutation.py NAME ...   # some of them
 
 For each mutant, the checkout (tracked files and untracked ones git does not ignore) is copied into a
 temporary folder and one deliberate bug is put in, in one of two ways:
