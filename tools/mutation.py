@@ -220,7 +220,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="resume-forgets-best-ema",
         breaks="a resumed run forgets the EMA's best epoch: a worse EMA overwrites model_best_ema",
-        tests=("tests/test_recipe_runs.py::test_run_state_keeps_the_best_ema_across_a_checkpoint",),
+        tests=("tests/test_recipe_rundir.py::test_run_state_keeps_the_best_ema_across_a_checkpoint",),
         edits=(
             ("timm_svb/recipe/rundir.py", 'self.best_ema = state.get("best_ema")', "self.best_ema = None"),
         ),
@@ -228,7 +228,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="ema-steps-restart-each-epoch",
         breaks="the EMA's step count restarts every epoch: the warm-up of its decay repeats",
-        tests=("tests/test_recipe_runs.py::test_the_ema_counts_steps_over_the_whole_run",),
+        tests=("tests/test_recipe_loop.py::test_the_ema_counts_steps_over_the_whole_run",),
         edits=(
             (
                 "timm_svb/recipe/loop.py",
@@ -240,7 +240,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="ema-svb-ignores-exclude",
         breaks="the EMA copy's SVB bounds --svb-exclude'd and frozen layers",
-        tests=("tests/test_recipe_runs.py::test_the_emas_svb_leaves_excluded_and_frozen_layers_alone",),
+        tests=("tests/test_recipe_trainer.py::test_the_emas_svb_leaves_excluded_and_frozen_layers_alone",),
         edits=(
             (
                 "timm_svb/recipe/trainer.py",
@@ -252,7 +252,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="wrapper-prefixes-in-one-order",
         breaks="module. / _orig_mod. are stripped in one fixed order only: DDP around compile keeps a prefix",
-        tests=("tests/test_recipe_runs.py::test_plain_state_dict_drops_wrapper_prefixes",),
+        tests=("tests/test_recipe_rundir.py::test_plain_state_dict_drops_wrapper_prefixes",),
         edits=(
             (
                 "timm_svb/recipe/rundir.py",
@@ -272,13 +272,13 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="mixup-mode-ignored",
         breaks="--mixup-mode is ignored: always batch mode",
-        tests=("tests/test_recipe_runs.py::test_mixup_mode_is_used",),
+        tests=("tests/test_recipe_trainer.py::test_mixup_mode_is_used",),
         edits=(("timm_svb/recipe/trainer.py", "mode=args.mixup_mode,", 'mode="batch",'),),
     ),
     Mutant(
         name="cosine-ignores-warmup-offset",
         breaks="the cosine schedule counts from epoch 0, not the end of warm-up: it starts below the peak",
-        tests=("tests/test_recipe_runs.py::test_cosine_schedule_starts_at_the_peak_after_warmup",),
+        tests=("tests/test_recipe_loop.py::test_cosine_schedule_starts_at_the_peak_after_warmup",),
         edits=(
             ("timm_svb/recipe/loop.py", "t = min(e - warmup_epochs, span) / span", "t = min(e, span) / span"),
         ),
