@@ -62,7 +62,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="sha256-unchecked-for-the-default-tag",
         breaks="create_model('convnet20_svb', pretrained=True) (default tag) loads a tampered file unchecked",
-        tests=("tests/test_hub_publish.py::test_pretrained_from_record_on_every_path_with_tamper_checks",),
+        tests=("tests/test_hub_end_to_end.py::test_pretrained_from_record_on_every_path_with_tamper_checks",),
         patch="""
             import safetensors.torch
             import timm
@@ -81,8 +81,8 @@ MUTANTS: tuple[Mutant, ...] = (
         name="sha256-never-checked",
         breaks="no recorded file is ever checked against its sha256, on any loading path",
         tests=(
-            "tests/test_hub_publish.py::test_sha256_is_checked_at_the_recorded_commit_only",
-            "tests/test_hub_publish.py::test_pretrained_from_record_on_every_path_with_tamper_checks",
+            "tests/test_pretrained.py::test_sha256_is_checked_at_the_recorded_commit_only",
+            "tests/test_hub_end_to_end.py::test_pretrained_from_record_on_every_path_with_tamper_checks",
         ),
         patch="""
             import timm_svb.models._pretrained as p
@@ -209,7 +209,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="sha256-checked-at-every-commit",
         breaks="the recorded sha256 is applied to every commit of a recorded repo: others fail to load",
-        tests=("tests/test_hub_publish.py::test_sha256_is_checked_at_the_recorded_commit_only",),
+        tests=("tests/test_pretrained.py::test_sha256_is_checked_at_the_recorded_commit_only",),
         patch="""
             import timm_svb.models._pretrained as p
             p.recorded_name = lambda repo_id, commit: next(
@@ -286,7 +286,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="record-written-without-lock",
         breaks="two publishers writing the record at once lose entries",
-        tests=("tests/test_hub_publish.py::test_concurrent_record_writes_keep_every_entry",),
+        tests=("tests/test_hub_record.py::test_concurrent_record_writes_keep_every_entry",),
         patch="""
             import contextlib
             import filelock
