@@ -11,11 +11,11 @@ import os
 import sys
 from collections import defaultdict
 
-import memory_data
 import safetensors.torch
 import torch
 from accelerate import PartialState
 from recipe_helpers import FAST, recipe_data, recipe_trainer
+from recipe_helpers import recipe_memory_data as memory_data
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import RandomCrop
 
