@@ -26,6 +26,9 @@ import timm_svb  # noqa: F401  (registers the zoo)
 from timm_svb.hub import publish as pub
 from timm_svb.hub.record import read_record
 
+# every test publishes a run (evaluated, its card and spectrum written)
+pytestmark = pytest.mark.slow
+
 
 def test_card_fields(tiny_run: Path, tmp_path: Path) -> None:
     """Hub metric ids (accuracy = 100 - error), no "None" split, no local paths, base_model of a fine-tuned

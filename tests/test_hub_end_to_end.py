@@ -46,6 +46,9 @@ import timm_svb  # noqa: F401  (registers the zoo)
 from timm_svb.hub import publish as pub
 from timm_svb.hub.record import file_sha256, read_record
 
+# end-to-end runs: publishing, child processes, the shared digits run
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def pushed(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:

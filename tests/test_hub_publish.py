@@ -52,6 +52,7 @@ def test_help_documents_dry_run() -> None:
     assert "--svb-override" in text and "site-packages" in text and "--allow-mismatch" in text
 
 
+@pytest.mark.slow
 def test_dry_run_loads_back_identically(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     summary = pub.publish(
@@ -77,6 +78,7 @@ def test_dry_run_loads_back_identically(tiny_run: Path, tmp_path: Path) -> None:
     assert not {"file", "hf_hub_id", "url", "source"} & cfg.keys()
 
 
+@pytest.mark.slow
 def test_refuses_metrics_beyond_tolerance(tiny_run: Path, tmp_path: Path) -> None:
     run = json.loads((tiny_run / "run.json").read_text())
     best = {**run["metrics"]["best"], "top1_err": run["metrics"]["best"]["top1_err"] + 2.0}
@@ -95,6 +97,7 @@ def test_refuses_metrics_beyond_tolerance(tiny_run: Path, tmp_path: Path) -> Non
     )
 
 
+@pytest.mark.slow
 def test_tags_and_unrecordable_runs(tiny_run: Path, tmp_path: Path) -> None:
     assert pub.default_tag("uoft-cs/cifar10") == "cifar10"
     assert pub.default_tag("ILSVRC/imagenet-1k") == "in1k"
@@ -127,6 +130,7 @@ def test_tags_and_unrecordable_runs(tiny_run: Path, tmp_path: Path) -> None:
     assert f"'{REPO_ID}', not '{REPO_ID}-test'" in summary["not_recordable_reason"]
 
 
+@pytest.mark.slow
 def test_zoo_model_must_give_the_runs_outputs_and_is_evaluated(
     tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -163,6 +167,7 @@ def test_zoo_model_must_give_the_runs_outputs_and_is_evaluated(
     assert zoo.pretrained_cfg["tag"] == TAG and "pretrained_model_args" not in zoo.pretrained_cfg
 
 
+@pytest.mark.slow
 def test_svb_name_needs_svb_training_or_a_stated_override(tiny_run: Path, tmp_path: Path) -> None:
     run_dir = edit_run(tiny_run, tmp_path / "run", svb_config=None)
     summary = pub.publish(
@@ -178,6 +183,7 @@ def test_svb_name_needs_svb_training_or_a_stated_override(tiny_run: Path, tmp_pa
     assert "trained **without** SVB" in card and reason in card
 
 
+@pytest.mark.slow
 def test_refuses_unfinished_runs_and_missing_evaluation(tiny_run: Path, tmp_path: Path) -> None:
     run_dir = edit_run(tiny_run, tmp_path / "run", status="stopped")
     with pytest.raises(pub.PublishError, match="not finished"):
@@ -190,6 +196,7 @@ def test_refuses_unfinished_runs_and_missing_evaluation(tiny_run: Path, tmp_path
         )
 
 
+@pytest.mark.slow
 def test_weights_ema_publishes_the_ema_and_says_so(tiny_run: Path, tmp_path: Path) -> None:
     """--weights ema: the run's model_best_ema.safetensors (not the model's), its recorded metrics, the card
     naming the EMA; a run without an EMA is refused."""
@@ -220,6 +227,7 @@ def test_weights_ema_publishes_the_ema_and_says_so(tiny_run: Path, tmp_path: Pat
     assert "final_ema" in pub.build_parser().format_help()
 
 
+@pytest.mark.slow
 def test_check_folder_refuses_differences_and_pickles(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     pub.publish(tiny_run, pub.PublishOptions(repo_id=REPO_ID, dry_run=out), evaluator=synthetic_evaluator)
@@ -252,6 +260,7 @@ def test_push_needs_a_token_and_a_recordable_target(
     assert never.calls == [] and read_record(tmp_path / "r.json") == {}
 
 
+@pytest.mark.slow
 def test_private_repos_are_not_recorded(tiny_run: Path, tmp_path: Path) -> None:
     record = empty_record(tmp_path / "published.json")
     api = HubStandIn()
@@ -287,6 +296,7 @@ def test_broken_record_stops_before_any_upload(
     assert api.calls == []
 
 
+@pytest.mark.slow
 def test_failure_after_the_push_names_the_revision_and_rerunning_finishes(
     tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -316,6 +326,7 @@ def test_failure_after_the_push_names_the_revision_and_rerunning_finishes(
     assert len(api.repos[REPO_ID]["commits"]) == commits and read_record(record)[NAME]["revision"] == revision
 
 
+@pytest.mark.slow
 def test_a_racing_push_records_nothing(tiny_run: Path, tmp_path: Path) -> None:
     record = empty_record(tmp_path / "published.json")
     api = HubStandIn()

@@ -27,6 +27,7 @@ def _write_entries(args: tuple[str, list[str]]) -> None:
         write_record(path, name, {**ENTRY, "hf_hub_id": f"timm-svb/{name}"})
 
 
+@pytest.mark.slow
 def test_concurrent_record_writes_keep_every_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     record = empty_record(tmp_path / "published.json")
     read = hub_record.read_record

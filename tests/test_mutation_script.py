@@ -26,6 +26,7 @@ def test_every_mutant_names_tests_that_exist():
             assert not name or f"def {name.split('[')[0]}(" in (root / path).read_text(), (mutant.name, test)
 
 
+@pytest.mark.slow
 def test_a_patch_naming_what_is_gone_is_stale(tmp_path):
     gone = mutation.Mutant(
         name="gone",

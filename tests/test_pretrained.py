@@ -45,6 +45,7 @@ class _Trap:
         return (Path.write_text, (self.flag, "unpickled"))
 
 
+@pytest.mark.slow
 def test_a_pickle_is_never_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A repo / folder with only config.json + pytorch_model.bin: nothing is unpickled on any path."""
     flag, folder = tmp_path / "flag", tmp_path / "pickle_only"
@@ -67,6 +68,7 @@ def test_a_pickle_is_never_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert calls == [] and not flag.exists()
 
 
+@pytest.mark.slow
 def test_config_files_cannot_control_loading(tmp_path: Path) -> None:
     """``model_args`` of a config.json (local-dir: or hf-hub:) that are not architecture arguments, or SVB
     bands that are not finite numbers > 0, are refused: no silent non-strict load of a checkpoint missing a
@@ -123,6 +125,7 @@ def _loaders(folder: Path, repo_id: str) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 def test_loading_for_another_num_classes_is_strict_but_for_the_head(tmp_path: Path) -> None:
     """A weights file missing a conv loads on no path, also for another ``num_classes`` (where timm turns
     strictness off): only the classifier is adapted; a complete file loads every other weight."""
@@ -181,6 +184,7 @@ def test_config_state_dict_cannot_replace_the_weights_file(tmp_path: Path) -> No
             load()
 
 
+@pytest.mark.slow
 def test_sha256_is_checked_at_the_recorded_commit_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

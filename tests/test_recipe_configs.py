@@ -23,6 +23,9 @@ from torch import nn
 import timm_svb
 import timm_svb.models._helpers
 
+# every config trains a few steps
+pytestmark = pytest.mark.slow
+
 CONFIGS = sorted(recipe_options.CONFIG_DIR.glob("*.yaml"))
 # The configs' settings are under test, not the widths of WRN-28-10/16 (36.5M / 94.2M parameters, minutes
 # per step on two CPU cores; their widths are tested in test_models.py): they run at width 1, depth 28; and

@@ -26,6 +26,7 @@ build_test_loader, digits_dataset = recipe_data.build_test_loader, recipe_data.d
 load_image_dataset = recipe_data.load_image_dataset
 
 
+@pytest.mark.slow  # builds the digits set (seconds)
 def test_digits_dataset_is_fixed() -> None:
     """The split and the images, against scikit-learn's digits and the documented recipe written out."""
     from PIL import Image
@@ -144,6 +145,7 @@ def _parquet_repo(root: Path, splits: dict[str, int], broken: str | None = None)
     return root
 
 
+@pytest.mark.slow
 def test_only_the_splits_used_are_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ImageNet's layout: train, an unlabelled test split and validation. The test split is only peeked at
     (its first rows, streamed) and found unlabelled; a split nobody uses is never read."""
@@ -162,6 +164,7 @@ def test_only_the_splits_used_are_read(tmp_path: Path, monkeypatch: pytest.Monke
     assert streamed.describe()["num_train_images"] == 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_shards", [4, 3])
 def test_streamed_split_is_shared_out_over_two_ranks(tmp_path: Path, num_shards: int) -> None:
     """In every epoch each rank's share of the stream (whole shards when they divide the ranks, else every
@@ -229,6 +232,7 @@ def _image_tree(root: Path, classes: dict[str, str]) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_imagefolder_labels_mean_the_training_splits_classes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -297,6 +301,7 @@ def test_damaged_save_to_disk_folder_raises_a_data_error(tmp_path: Path) -> None
             load_image_dataset("x", tmp_path / name)
 
 
+@pytest.mark.slow
 def test_data_set_name_is_recorded_for_the_digits(tmp_path: Path) -> None:
     """The digits need no data dir: the publisher rebuilds the test loader from the name alone."""
     run = {

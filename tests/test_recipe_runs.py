@@ -34,6 +34,9 @@ from recipe_helpers import (
 
 import timm_svb  # noqa: F401  (registers the zoo)
 
+# end-to-end runs: every test trains
+pytestmark = pytest.mark.slow
+
 build_test_loader, evaluate = recipe_data.build_test_loader, recipe_loop.evaluate
 lr_at_epoch, parse_args = recipe_loop.lr_at_epoch, recipe_options.parse_args
 

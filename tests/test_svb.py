@@ -557,6 +557,7 @@ def test_attach_twice_is_refused():
 # ------------------------------------------------------------------ wrapped models
 
 
+@pytest.mark.slow
 def test_compiled_model_names_are_unwrapped():
     net = small_net()
     net[3] = torch.compile(net[3], backend="eager")  # a compiled submodule
@@ -698,6 +699,7 @@ def _subgroup_worker(rank: int, store: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_subgroup_with_ranks_not_from_zero_broadcasts_from_each_layers_owner(tmp_path):
     """Over a process group of global ranks 1 and 2, each layer's bounded weights come from the rank that
     bounded it: both ranks end with what one process computes."""
