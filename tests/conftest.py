@@ -1,4 +1,4 @@
-"""Session fixtures shared by several test modules."""
+"""Fixtures shared by several test modules."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# the benchmark scripts import each other by name, as when they run; the tests import them the same way
-sys.path.insert(0, str(REPO / "benchmarks"))
+# the benchmark scripts import each other by name, as when they run; the tests import them (and the tools in
+# tools/) the same way
+for folder in ("benchmarks", "tools"):
+    sys.path.insert(0, str(REPO / folder))
 
 
 @dataclass(frozen=True)
@@ -50,3 +52,11 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> DigitsRun:
         check=False,
     )
     return DigitsRun(cwd, done)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run folder to publish (``hub_helpers.make_run``), made once in each module that uses it."""
+    from hub_helpers import make_run  # here, not above: a test run without the hub tests does not load it
+
+    return make_run(tmp_path_factory.mktemp("runs") / "tiny")

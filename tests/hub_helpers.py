@@ -1,7 +1,9 @@
 """Shared helpers of the hub and model-zoo tests: an offline Hugging Face setup, a Hub cache laid out as
 ``hf_hub_download`` leaves it, valid records of published weights with their files in such a cache, a
 stand-in for ``HfApi`` that keeps repositories in memory and runs ``huggingface_hub``'s own
-``upload_folder``, and the record-dependent tests run against any record."""
+``upload_folder``, and the record-dependent tests run against any record; for the publisher's tests
+(tests/test_hub_*.py, tests/test_pretrained.py), tiny run folders, a synthetic evaluator and a push to the
+stand-in (the shared ``tiny_run`` fixture is in conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -20,11 +23,13 @@ from unittest import mock
 import httpx2
 import huggingface_hub
 import pytest
+import safetensors.torch
 import timm
 import torch
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard
 from huggingface_hub import hf_api as hf_api_module
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from torch import nn
 
 import timm_svb  # noqa: F401  (registers the zoo)
 
@@ -217,3 +222,104 @@ def run_record_tests(record: Path, cache: Path, tmp_path: Path) -> subprocess.Co
     return subprocess.run(
         [sys.executable, "-c", script], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
     )
+
+
+# ---------------------------------------------------------------- the publisher's tests (test_hub_*.py)
+
+MODEL = "convnet20_svb"
+TAG = "cifar10"
+NAME = f"{MODEL}.{TAG}"
+REPO_ID = f"timm-svb/{NAME}"
+FAKE_TOKEN = "hf_FAKEtokenFORtests0123456789abcdefXYZ"
+EXPECTED_FILES = {"README.md", "config.json", "model.safetensors", "spectrum.png"}
+
+
+@pytest.fixture(autouse=True)
+def _offline(tmp_path: Path):
+    """Offline Hugging Face settings in every test of a module that imports this fixture (autouse)."""
+    with offline_hf(tmp_path / "hf") as mp:
+        yield mp
+
+
+def synthetic_test_set() -> tuple[torch.Tensor, torch.Tensor]:
+    """A small fixed test split (CIFAR-shaped) for the tiny run."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(48, 3, 32, 32, generator=g), torch.randint(0, 10, (48,), generator=g)
+
+
+def synthetic_evaluator(model: nn.Module, run: dict[str, Any]) -> dict[str, float]:
+    """Top-1 / top-5 error (percent) on the synthetic test split."""
+    x, y = synthetic_test_set()
+    with torch.no_grad():
+        top5 = model.eval()(x).topk(5, dim=1).indices
+    return {
+        "top1_err": 100.0 * (top5[:, 0] != y).float().mean().item(),
+        "top5_err": 100.0 * (~(top5 == y[:, None]).any(dim=1)).float().mean().item(),
+    }
+
+
+def make_run(run_dir: Path, **model_kwargs: Any) -> Path:
+    """A tiny run folder as recipes/train.py writes it; its metrics are measured on the synthetic split."""
+    run_dir.mkdir(parents=True)
+    torch.manual_seed(0)
+    model_kwargs = {"num_classes": 10, **model_kwargs}
+    model = timm.create_model(MODEL, **model_kwargs).eval()
+    with torch.no_grad():  # move away from the init so that a wrong load would show
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    safetensors.torch.save_file(model.state_dict(), run_dir / "model_best.safetensors")
+    safetensors.torch.save_file(model.state_dict(), run_dir / "model_final.safetensors")
+    metrics = {"epoch": 160, **synthetic_evaluator(model, {})}
+    run = {
+        "model": MODEL,
+        "model_kwargs": model_kwargs,
+        "num_classes": 10,
+        "svb_config": {"epsilon": 0.5, "bbn_epsilon": 1.0, "every_n_steps": 10},
+        "dataset": {
+            "name": "uoft-cs/cifar10",
+            "test_split": "test",
+            "label_names": [f"class{i}" for i in range(10)],
+            "num_test_images": 48,
+        },
+        # what the tag cifar10 claims: the Hub set, the full schedule of a recipe config, SVB applied
+        "recipe": {"config": "fig2_convnet20_svb", "epochs": 160, "lr": 0.1, "batch_size": 16},
+        "epochs": 160,
+        "completed_epochs": 160,
+        "svb_applied_total": 159,
+        "metrics": {"best": metrics, "final": metrics},
+        "pretrained_cfg": timm.data.resolve_model_data_config(model),
+        "timm_svb_version": timm_svb.__version__,
+    }
+    (run_dir / "run.json").write_text(json.dumps(run, indent=2), encoding="utf-8")
+    return run_dir
+
+
+def edit_run(src: Path, dst: Path, **changes: Any) -> Path:
+    """A copy of run folder ``src`` with top-level ``run.json`` entries replaced."""
+    shutil.copytree(src, dst)
+    run = json.loads((dst / "run.json").read_text())
+    (dst / "run.json").write_text(json.dumps({**run, **changes}))
+    return dst
+
+
+def empty_record(path: Path) -> Path:
+    """A record file ``{}`` with the usual mode of a checked-out file."""
+    write_json(path, {})
+    os.chmod(path, 0o644)
+    return path
+
+
+def push(run_dir: Path, api: HubStandIn, evaluator: Any = synthetic_evaluator, **opts: Any) -> dict[str, Any]:
+    """``publish`` to the stand-in with a fake token."""
+    # imported here: test_models.py's record tests import this module, and not the publisher
+    from timm_svb.hub import publish as pub
+
+    opts = {"repo_id": REPO_ID, **opts}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_TOKEN", FAKE_TOKEN)
+        return pub.publish(
+            run_dir,
+            pub.PublishOptions(**opts),
+            evaluator=evaluator,
+            api_factory=lambda **kw: (api.init_kwargs.update(kw), api)[1],
+        )

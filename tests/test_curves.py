@@ -13,6 +13,9 @@ from PIL import Image
 
 from timm_svb import curves
 
+# every test draws figures with matplotlib (a second or more each)
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = (
     "epoch",

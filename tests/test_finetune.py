@@ -80,6 +80,7 @@ def assert_in_band(model: torch.nn.Module, epsilon: float, names: set[str] | Non
 # ------------------------------------------------------------------------------------------ augmentation
 
 
+@pytest.mark.slow
 def test_augmentation_options_are_timms_transforms() -> None:
     """--aa and --reprob add timm's RandAugment and RandomErasing after the cifar crop and flip (the default
     pipeline is unchanged); inception drops its colour jitter under --aa, as timm does."""
@@ -160,6 +161,7 @@ def ema_runs(tmp_path_factory: pytest.TempPathFactory, data4: Path) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_mixup_targets_are_soft_and_sum_to_one(ema_runs: dict) -> None:
     targets = ema_runs["targets"]
     assert len(targets) == 4  # 2 epochs of 2 steps
@@ -176,6 +178,7 @@ def test_mixup_targets_are_soft_and_sum_to_one(ema_runs: dict) -> None:
     assert 0 <= float(row["train_top1_err"]) <= 100
 
 
+@pytest.mark.slow
 def test_ema_is_bounded_with_the_model_saved_and_evaluated(ema_runs: dict) -> None:
     result = ema_runs["straight"]
     ema, model = result.ema, result.model
@@ -201,6 +204,7 @@ def test_ema_is_bounded_with_the_model_saved_and_evaluated(ema_runs: dict) -> No
     assert (result.run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_ema_leaves_the_models_training_alone(ema_runs: dict) -> None:
     """The same run without --model-ema ends with the same model, bit for bit (the EMA's test pass draws no
     random numbers that the augmentation would then miss)."""
@@ -219,6 +223,7 @@ def test_resume_cannot_add_or_drop_the_ema(tmp_path: Path) -> None:
         recipe_checkpoint.resume_changes(earlier, {**earlier["args"], "head_lr_scale": 10.0}, tmp_path)
 
 
+@pytest.mark.slow
 def test_ema_of_decay_zero_is_the_model(data4: Path, tmp_path: Path) -> None:
     """Decay 0: the average is the last model, so its weights and test errors are the model's (the EMA is
     updated from the trained model, bounded consistently and evaluated on the same split)."""
@@ -242,6 +247,7 @@ def test_ema_of_decay_zero_is_the_model(data4: Path, tmp_path: Path) -> None:
     assert row["ema_svb_clipped"] == "0"  # a copy of the bounded model is in the band already
 
 
+@pytest.mark.slow
 def test_resume_restores_the_ema(ema_runs: dict) -> None:
     straight, resumed = ema_runs["straight"], ema_runs["resumed"]
     assert resumed.start_epoch == 1 and resumed.ema.num_applied == straight.ema.num_applied
@@ -253,6 +259,7 @@ def test_resume_restores_the_ema(ema_runs: dict) -> None:
 # --------------------------------------------------------------------------------- fine-tuning options
 
 
+@pytest.mark.slow
 def test_frozen_backbone_is_left_alone_by_training_and_svb(
     ema_runs: dict, data6: Path, tmp_path: Path
 ) -> None:
@@ -305,6 +312,7 @@ def test_param_groups() -> None:
     assert recipe_loop.frozen_layer_names(model)[:1] == ["stem.conv"]
 
 
+@pytest.mark.slow
 def test_tracker_project_and_run_name(data4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--experiment is the trackers' project, --run-name the run's name in them and the run folder's."""
     calls = []

@@ -457,7 +457,7 @@ def edge_heavy(rows: int, cols: int, cond: float, rng: np.random.Generator) -> n
 
 
 @pytest.mark.parametrize(("cond", "route"), [(2.45, "float32 eigh"), (9.9, "float64 eigh")])
-@pytest.mark.parametrize("shape", [(64, 576), (320, 2880)])
+@pytest.mark.parametrize("shape", [(64, 576), pytest.param((320, 2880), marks=pytest.mark.slow)])
 def test_route_accuracy_at_its_limit(shape, cond, route, monkeypatch):
     """_ROUTES' comment: at each float32 route's limit the smallest singular values are resolved to 5e-6
     and clipped values land within 5e-6 of the band edge, a quarter of the slack, so the next apply leaves

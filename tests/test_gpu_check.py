@@ -11,6 +11,7 @@ from recipe_helpers import one_thread  # noqa: F401  (autouse fixture)
 from timm_svb import SVB
 
 
+@pytest.mark.slow
 def test_smoke_mode_prints_the_table_with_errors_against_float64(capsys: pytest.CaptureFixture[str]) -> None:
     rows = gpu_check.main(["--device", "cpu", "--small", "--steps", "4"])
     out = capsys.readouterr().out

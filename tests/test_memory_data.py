@@ -182,6 +182,7 @@ def _log_lines(caplog: pytest.LogCaptureFixture) -> str:
     return "\n".join(r.getMessage() for r in caplog.records if "data path" in r.getMessage())
 
 
+@pytest.mark.slow
 def test_recipe_chooses_the_path_and_says_why(
     tmp_path: Path, cifar_like: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -214,6 +215,7 @@ def test_recipe_chooses_the_path_and_says_why(
     assert memory.finished
 
 
+@pytest.mark.slow
 def test_both_paths_test_the_same_weights_alike(tmp_path: Path, cifar_like: Path) -> None:
     """A run on the in-memory path, its final weights evaluated through the per-image test loader of
     ``build_test_loader`` (what validate.py and the publisher use): the error the run recorded."""
@@ -227,6 +229,7 @@ def test_both_paths_test_the_same_weights_alike(tmp_path: Path, cifar_like: Path
     assert metrics["top1_err"] == result.state.history[-1]["top1_err"]
 
 
+@pytest.mark.slow
 def test_resume_on_the_in_memory_path_is_bit_identical(tmp_path: Path, cifar_like: Path) -> None:
     argv = ["--model", "convnet20_svb", "--model-kwargs", "depth_x=1", "--data-dir", str(cifar_like)]
     argv += [
@@ -249,6 +252,7 @@ def test_resume_on_the_in_memory_path_is_bit_identical(tmp_path: Path, cifar_lik
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CIFAR_COPY.is_dir(), reason=f"the CIFAR-10 JPEG copy is not here ({CIFAR_COPY})")
 def test_real_cifar_copy_through_both_paths() -> None:
     """The first 64 test images of the real copy: the in-memory path's batches are the per-image loader's."""

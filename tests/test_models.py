@@ -59,9 +59,19 @@ HEAVY = {"inception_resnet_v2_preact", "inception_resnet_v2_preact_svb"}
 FAMILY = ["convnet20", "preact_resnet20", "wrn16_8_svb", "inception_resnet_v2_preact", "resnet18_svb"]
 
 
-def _params(names: list[str]) -> list:
-    """Parametrisation with the heavy models marked slow."""
-    return [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in names]
+# the models the fast tier (-m "not slow") builds: a test of any other takes over ~0.3 s on one loaded core
+SMALL = {"convnet20", "convnet38", "preact_resnet20", "convnet20_svb", "convnet38_svb", "preact_resnet20_svb"}
+
+
+def _params(cases: list) -> list:
+    """Parametrisation with every model but the SMALL ones marked slow; a case is a model's name, or a tuple
+    of arguments that starts with one."""
+    return [
+        case
+        if (case[0] if isinstance(case, tuple) else case) in SMALL
+        else pytest.param(*(case if isinstance(case, tuple) else (case,)), marks=pytest.mark.slow)
+        for case in cases
+    ]
 
 
 def _input_size(name: str, small: bool = False) -> tuple[int, int, int]:
@@ -144,7 +154,7 @@ def test_forward_backward(name: str):
 
 
 # the _svb variants share their baseline's class and builder
-@pytest.mark.parametrize("name", CIFAR_BASELINES + IN1K_BASELINES + ["resnet18_svb"])
+@pytest.mark.parametrize("name", _params(CIFAR_BASELINES + IN1K_BASELINES + ["resnet18_svb"]))
 def test_features_only(name: str):
     model = timm.create_model(name, features_only=True)
     model.eval()
@@ -160,7 +170,7 @@ def test_features_only(name: str):
     assert info.reduction()[-1] == (4 if name in CIFAR_NAMES else 32)
 
 
-@pytest.mark.parametrize("name", FAMILY)
+@pytest.mark.parametrize("name", _params(FAMILY))
 def test_forward_intermediates(name: str):
     model = _model(name)
     model.eval()
@@ -175,7 +185,7 @@ def test_forward_intermediates(name: str):
         assert pruned(x).shape == inter[1].shape
 
 
-@pytest.mark.parametrize("name", FAMILY)
+@pytest.mark.parametrize("name", _params(FAMILY))
 def test_head_and_reset_classifier(name: str):
     model = copy.deepcopy(_model(name))
     model.eval()
@@ -201,7 +211,7 @@ def test_in_chans_and_drop_rate():
     assert isinstance(timm.create_model("wrn16_8").stages[0][0].drop, nn.Identity)
 
 
-@pytest.mark.parametrize("name", ["convnet20", "preact_resnet20", "inception_resnet_v2_preact"])
+@pytest.mark.parametrize("name", _params(["convnet20", "preact_resnet20", "inception_resnet_v2_preact"]))
 def test_grad_checkpointing(name: str, monkeypatch: pytest.MonkeyPatch):
     """Checkpointing is on (segments go through torch's checkpoint, counted) and changes no gradient."""
     calls = []
@@ -227,7 +237,7 @@ def test_grad_checkpointing(name: str, monkeypatch: pytest.MonkeyPatch):
     assert calls == []
 
 
-@pytest.mark.parametrize("name", FAMILY)
+@pytest.mark.parametrize("name", _params(FAMILY))
 def test_group_matcher(name: str):
     model = _model(name)
     groups = group_parameters(model, model.group_matcher())
@@ -235,6 +245,7 @@ def test_group_matcher(name: str):
     assert len(groups) > 3
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 @pytest.mark.parametrize("name", ["convnet20", "preact_resnet20", "wrn16_8_svb"])
 def test_torchscript(name: str):
@@ -248,17 +259,19 @@ def test_torchscript(name: str):
 
 @pytest.mark.parametrize(
     "name,expected",
-    [
-        ("convnet20", 20),
-        ("convnet38", 38),
-        ("preact_resnet20", 20),
-        ("preact_resnet56", 56),
-        ("preact_resnet68", 68),
-        ("preact_resnet110", 110),
-        ("wrn16_8", 14),
-        ("wrn28_10", 26),
-        ("wrn40_4", 38),
-    ],
+    _params(
+        [
+            ("convnet20", 20),
+            ("convnet38", 38),
+            ("preact_resnet20", 20),
+            ("preact_resnet56", 56),
+            ("preact_resnet68", 68),
+            ("preact_resnet110", 110),
+            ("wrn16_8", 14),
+            ("wrn28_10", 26),
+            ("wrn40_4", 38),
+        ]
+    ),
 )
 def test_weight_layer_count(name: str, expected: int):
     """6X+2 conv + fc layers, not counting 1x1 projection shortcuts (2 in the ResNets, 3 in the WRNs)."""
@@ -268,6 +281,7 @@ def test_weight_layer_count(name: str, expected: int):
     assert projections == (0 if name.startswith("convnet") else 2 if name.startswith("preact") else 3)
 
 
+@pytest.mark.slow
 def test_param_counts():
     counts = {name: _num_params(_model(name)) for name in CIFAR_BASELINES if name not in HEAVY}
     assert abs(counts["wrn28_10"] - 36.5e6) <= 0.005 * 36.5e6  # paper, Table 2
@@ -383,12 +397,14 @@ def test_cfg_names_the_first_conv_and_classifier(name: str):
 
 @pytest.mark.parametrize(
     "name,input_size,crop_pct",
-    [
-        ("convnet20", (3, 32, 32), 1.0),
-        ("wrn28_10_svb", (3, 32, 32), 1.0),
-        ("inception_resnet_v2_preact", (3, 299, 299), 0.8975),
-        ("resnet50_svb", (3, 224, 224), 0.875),
-    ],
+    _params(
+        [
+            ("convnet20", (3, 32, 32), 1.0),
+            ("wrn28_10_svb", (3, 32, 32), 1.0),
+            ("inception_resnet_v2_preact", (3, 299, 299), 0.8975),
+            ("resnet50_svb", (3, 224, 224), 0.875),
+        ]
+    ),
 )
 def test_resolve_data_config(name: str, input_size: tuple, crop_pct: float):
     data_cfg = resolve_data_config(model=_model(name))
@@ -459,7 +475,7 @@ def test_mistyped_tag_raises_like_timm(name: str):
             timm.create_model(name, pretrained=pretrained)
 
 
-@pytest.mark.parametrize("name", ["convnet20_svb", "resnet18_svb"])
+@pytest.mark.parametrize("name", _params(["convnet20_svb", "resnet18_svb"]))
 def test_pretrained_local_file_overlay(name: str, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     src = copy.deepcopy(_model(name)).eval()
@@ -477,13 +493,15 @@ def test_pretrained_local_file_overlay(name: str, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "name,kwargs",
-    [
-        ("convnet20_svb", dict(svb_epsilon=0.3)),
-        ("preact_resnet20", dict(num_classes=100)),
-        ("wrn16_8", dict(block_drop_rate=0.3)),
-        ("resnet18_svb", dict(num_classes=10)),
-        ("inception_resnet_v2_preact", dict(num_classes=10)),
-    ],
+    _params(
+        [
+            ("convnet20_svb", dict(svb_epsilon=0.3)),
+            ("preact_resnet20", dict(num_classes=100)),
+            ("wrn16_8", dict(block_drop_rate=0.3)),
+            ("resnet18_svb", dict(num_classes=10)),
+            ("inception_resnet_v2_preact", dict(num_classes=10)),
+        ]
+    ),
 )
 def test_save_for_hf_local_dir_round_trip(name: str, kwargs: dict, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

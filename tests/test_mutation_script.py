@@ -1,4 +1,4 @@
-"""The mutation check (tests/mutation.py) itself: its patches are valid Python and a stale one is reported."""
+"""The mutation check (tools/mutation.py) itself: its patches are valid Python and a stale one is reported."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import importlib
 import textwrap
 from pathlib import Path
 
-import mutation  # tests/mutation.py, beside this file (tests/ is on sys.path, as for recipe_helpers)
+import mutation  # tools/mutation.py (conftest.py puts tools/ on sys.path, as running it does)
 import pytest
 
 
@@ -26,6 +26,7 @@ def test_every_mutant_names_tests_that_exist():
             assert not name or f"def {name.split('[')[0]}(" in (root / path).read_text(), (mutant.name, test)
 
 
+@pytest.mark.slow
 def test_a_patch_naming_what_is_gone_is_stale(tmp_path):
     gone = mutation.Mutant(
         name="gone",

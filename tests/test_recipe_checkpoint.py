@@ -1,16 +1,20 @@
-"""timm_svb.recipe.checkpoint.load_weights, the recipe's one weights loader (fine-tuning, validate.py, the
-publisher): every tensor loaded exactly; a new classifier only when asked for; a refusal leaves the model as
-it was and names the fix."""
+"""timm_svb.recipe.checkpoint: checkpoints saved whole (a kill never leaves half of one listed), and
+load_weights, the recipe's one weights loader (fine-tuning, validate.py, the publisher): every tensor loaded
+exactly; a new classifier only when asked for; a refusal leaves the model as it was and names the fix."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors.torch
 import timm
 import torch
+from recipe_helpers import recipe_checkpoint
 
 import timm_svb  # noqa: F401  (registers the zoo)
 from timm_svb.recipe.checkpoint import load_weights
@@ -61,3 +65,62 @@ def test_a_refusal_leaves_the_model_alone_and_names_the_fix(tmp_path: Path) -> N
         SystemExit, match=r"run.json says they are convnet20 with model kwargs \{'depth_x': 1\}"
     ):
         load_weights(deeper, weights, name="convnet20", new_head=True)
+
+
+class _SavingAccelerator:
+    """What ``save_checkpoint`` uses of an Accelerator, one process: ``save_state`` writes three files."""
+
+    is_main_process = True
+
+    def __init__(self) -> None:
+        self.tag = "old"
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+    def save_state(self, path: str, safe_serialization: bool = True) -> None:
+        Path(path).mkdir(parents=True)
+        for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl"):
+            (Path(path) / name).write_text(self.tag)
+
+
+def test_overwriting_a_checkpoint_never_leaves_half_of_one_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill while a checkpoint folder of the same epoch is replaced leaves a whole one listed (the old or
+    the new), never a partly deleted folder."""
+    accelerator = _SavingAccelerator()
+    recipe_checkpoint.save_checkpoint(accelerator, tmp_path, 2, keep=3)
+    accelerator.tag = "new"
+    real_rmtree, real_replace = shutil.rmtree, recipe_checkpoint.os.replace
+
+    def killed_while_deleting(path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name == "epoch_0002":  # deleting the listed folder in place: killed half-way
+            next(Path(path).iterdir()).unlink()
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    def complete() -> dict[str, str]:
+        listed = recipe_checkpoint.list_checkpoints(tmp_path)
+        assert all(len(list(folder.iterdir())) == 3 for _, folder in listed), listed
+        return {folder.name: (folder / "model.safetensors").read_text() for _, folder in listed}
+
+    monkeypatch.setattr(recipe_checkpoint.shutil, "rmtree", killed_while_deleting)
+    with contextlib.suppress(KeyboardInterrupt):
+        recipe_checkpoint.save_checkpoint(accelerator, tmp_path, 2, keep=3)
+    assert complete() == {"epoch_0002": "new"}
+    monkeypatch.setattr(recipe_checkpoint.shutil, "rmtree", real_rmtree)
+
+    def killed_between_renames(src: Any, dst: Any) -> None:
+        if Path(src).name.startswith(".tmp-"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(recipe_checkpoint.os, "replace", killed_between_renames)
+    accelerator.tag = "newer"
+    with contextlib.suppress(KeyboardInterrupt):
+        recipe_checkpoint.save_checkpoint(accelerator, tmp_path, 2, keep=3)
+    assert complete() == {}  # the old one is aside, whole ...
+    monkeypatch.setattr(recipe_checkpoint.os, "replace", real_replace)
+    recipe_checkpoint.save_checkpoint(accelerator, tmp_path, 3, keep=3)
+    assert complete() == {"epoch_0002": "new", "epoch_0003": "newer"}  # ... and back on the next save

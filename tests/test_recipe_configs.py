@@ -23,10 +23,13 @@ from torch import nn
 import timm_svb
 import timm_svb.models._helpers
 
+# every config trains a few steps
+pytestmark = pytest.mark.slow
+
 CONFIGS = sorted(recipe_options.CONFIG_DIR.glob("*.yaml"))
 # The configs' settings are under test, not the widths of WRN-28-10/16 (36.5M / 94.2M parameters, minutes
 # per step on two CPU cores; their widths are tested in test_models.py): they run at width 1, depth 28; and
-# Inception-ResNet-v2 on 107x107 inputs, not 299x299 (4x fewer pixels; 299 inputs: test_recipe.py).
+# Inception-ResNet-v2 on 107x107 inputs, not 299x299 (4x fewer pixels; 299 inputs: test_recipe_runs.py).
 SMALLER = {
     "wrn28_": ["--model-kwargs", "width_factor=1"],
     "inception_resnet": ["--input-size", "3", "107", "107"],

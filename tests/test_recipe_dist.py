@@ -39,7 +39,7 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        str(REPO / "tests" / "recipe_dist_worker.py"),
+        str(REPO / "tests" / "workers" / "recipe_dist_worker.py"),
         str(tmp_path),
         str(data),
     ]

@@ -9,6 +9,7 @@ import recipe_throughput  # benchmarks/recipe_throughput.py (conftest.py puts be
 from recipe_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 
+@pytest.mark.slow
 def test_smoke_mode_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
     result = recipe_throughput.main(["--device", "cpu", "--small", "--gpu-check-option"])
     out = capsys.readouterr().out

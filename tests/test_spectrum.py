@@ -178,6 +178,7 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return out, buffer.getvalue()
 
 
+@pytest.mark.slow
 def test_cli_writes_png_and_csv(cli_run):
     out, printed = cli_run
     data = out.read_bytes()
@@ -208,6 +209,7 @@ def test_cli_writes_png_and_csv(cli_run):
     assert f"wrote {out}" in printed
 
 
+@pytest.mark.slow
 def test_cli_two_models_in_one_plot_and_csv(cli_run):
     out, printed = cli_run
     with out.with_suffix(".csv").open(newline="") as f:
@@ -222,6 +224,7 @@ def test_cli_two_models_in_one_plot_and_csv(cli_run):
     assert "preact_resnet20_svb: 22 layers" in printed and "0.0% outside the SVB band" in printed
 
 
+@pytest.mark.slow
 def test_checkpoint_inputs_give_the_source_spectrum(tmp_path):
     source = timm.create_model("preact_resnet20", num_classes=7)
     save_for_hf(source, str(tmp_path / "saved"), safe_serialization=True)
@@ -245,7 +248,7 @@ def test_checkpoint_inputs_give_the_source_spectrum(tmp_path):
         (["=x.safetensors"], "name the architecture before '='"),
         (["preact_resnet20=GARBAGE"], "cannot read checkpoint"),
         (["ORPHAN"], "cannot tell its architecture"),
-        (["resnet18=CKPT"], "does not fit resnet18"),
+        pytest.param(["resnet18=CKPT"], "does not fit resnet18", marks=pytest.mark.slow),  # a ResNet-18
         ([UNPUBLISHED, "--pretrained"], f"No pretrained weights for '{UNPUBLISHED}"),
         (["local-dir:NOWHERE"], "cannot load 'local-dir:"),
         (["preact_resnet20", "--labels", "a", "b"], "--labels gives 2 labels for 1 models"),

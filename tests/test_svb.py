@@ -557,6 +557,7 @@ def test_attach_twice_is_refused():
 # ------------------------------------------------------------------ wrapped models
 
 
+@pytest.mark.slow
 def test_compiled_model_names_are_unwrapped():
     net = small_net()
     net[3] = torch.compile(net[3], backend="eager")  # a compiled submodule
@@ -592,12 +593,15 @@ def test_ddp_world_one_names_are_unwrapped(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-    """tests/dist_svb_worker.py under torchrun, 2 CPU processes (gloo); each rank's results."""
+    """tests/workers/dist_svb_worker.py under torchrun, 2 CPU processes (gloo); each rank's results."""
     out = tmp_path_factory.mktemp("dist")
-    worker = Path(__file__).with_name("dist_svb_worker.py")
+    tests = Path(__file__).parent
+    worker = tests / "workers" / "dist_svb_worker.py"
     torchrun = shutil.which("torchrun")
     cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the worker imports test_svb's model
+    pythonpath = os.pathsep.join(p for p in (str(tests), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     # the worker's process group waits 600 s in a collective: a rank left waiting fails this timeout
     subprocess.run(
         [*cmd, "--standalone", "--nproc_per_node=2", str(worker), str(out)], check=True, env=env, timeout=240
@@ -695,6 +699,7 @@ def _subgroup_worker(rank: int, store: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_subgroup_with_ranks_not_from_zero_broadcasts_from_each_layers_owner(tmp_path):
     """Over a process group of global ranks 1 and 2, each layer's bounded weights come from the rank that
     bounded it: both ranks end with what one process computes."""

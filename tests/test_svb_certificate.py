@@ -121,6 +121,7 @@ def test_never_certifies_a_matrix_a_float64_svd_puts_outside_the_band(dtype):
     assert not wrong
 
 
+@pytest.mark.slow
 def test_certifies_in_band_matrices_at_wrn_sizes():
     """The certificate is not vacuous: matrices 1.5% inside both edges are certified, at WRN-28-10's shapes
     (its margin is 0.0106 in s^2 for 640 x 5760: 1.2% of s at the lower edge)."""

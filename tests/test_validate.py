@@ -71,6 +71,7 @@ def test_a_model_with_its_own_preprocessing(digits: tuple[Path, dict], tmp_path:
     assert local["top1_err"] == final["top1_err"]
 
 
+@pytest.mark.slow  # builds the digits set (seconds)
 def test_bad_input_is_named(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="nothing to evaluate"):
         validate.main([])

@@ -2,9 +2,9 @@
 
 Run from the repository root (not part of CI: each mutant runs its tests, minutes in all)::
 
-    python tests/mutation.py            # every mutant
-    python tests/mutation.py --list     # names and what each breaks
-    python tests/mutation.py NAME ...   # some of them
+    python tools/mutation.py            # every mutant
+    python tools/mutation.py --list     # names and what each breaks
+    python tools/mutation.py NAME ...   # some of them
 
 For each mutant, the checkout (tracked files and untracked ones git does not ignore) is copied into a
 temporary folder and one deliberate bug is put in, in one of two ways:
@@ -53,7 +53,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="resume-does-not-load",
         breaks="--resume silently retrains from epoch 0 (accelerator.load_state does nothing)",
-        tests=("tests/test_recipe.py::test_resume_gives_the_same_weights",),
+        tests=("tests/test_recipe_runs.py::test_resume_gives_the_same_weights",),
         patch="""
             import accelerate
             accelerate.Accelerator.load_state = lambda self, *args, **kwargs: None
@@ -62,7 +62,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="sha256-unchecked-for-the-default-tag",
         breaks="create_model('convnet20_svb', pretrained=True) (default tag) loads a tampered file unchecked",
-        tests=("tests/test_hub.py::test_pretrained_from_record_on_every_path_with_tamper_checks",),
+        tests=("tests/test_hub_end_to_end.py::test_pretrained_from_record_on_every_path_with_tamper_checks",),
         patch="""
             import safetensors.torch
             import timm
@@ -81,8 +81,8 @@ MUTANTS: tuple[Mutant, ...] = (
         name="sha256-never-checked",
         breaks="no recorded file is ever checked against its sha256, on any loading path",
         tests=(
-            "tests/test_hub.py::test_sha256_is_checked_at_the_recorded_commit_only",
-            "tests/test_hub.py::test_pretrained_from_record_on_every_path_with_tamper_checks",
+            "tests/test_pretrained.py::test_sha256_is_checked_at_the_recorded_commit_only",
+            "tests/test_hub_end_to_end.py::test_pretrained_from_record_on_every_path_with_tamper_checks",
         ),
         patch="""
             import timm_svb.models._pretrained as p
@@ -209,7 +209,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="sha256-checked-at-every-commit",
         breaks="the recorded sha256 is applied to every commit of a recorded repo: others fail to load",
-        tests=("tests/test_hub.py::test_sha256_is_checked_at_the_recorded_commit_only",),
+        tests=("tests/test_pretrained.py::test_sha256_is_checked_at_the_recorded_commit_only",),
         patch="""
             import timm_svb.models._pretrained as p
             p.recorded_name = lambda repo_id, commit: next(
@@ -220,7 +220,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="resume-forgets-best-ema",
         breaks="a resumed run forgets the EMA's best epoch: a worse EMA overwrites model_best_ema",
-        tests=("tests/test_recipe.py::test_run_state_keeps_the_best_ema_across_a_checkpoint",),
+        tests=("tests/test_recipe_rundir.py::test_run_state_keeps_the_best_ema_across_a_checkpoint",),
         edits=(
             ("timm_svb/recipe/rundir.py", 'self.best_ema = state.get("best_ema")', "self.best_ema = None"),
         ),
@@ -228,7 +228,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="ema-steps-restart-each-epoch",
         breaks="the EMA's step count restarts every epoch: the warm-up of its decay repeats",
-        tests=("tests/test_recipe.py::test_the_ema_counts_steps_over_the_whole_run",),
+        tests=("tests/test_recipe_loop.py::test_the_ema_counts_steps_over_the_whole_run",),
         edits=(
             (
                 "timm_svb/recipe/loop.py",
@@ -240,7 +240,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="ema-svb-ignores-exclude",
         breaks="the EMA copy's SVB bounds --svb-exclude'd and frozen layers",
-        tests=("tests/test_recipe.py::test_the_emas_svb_leaves_excluded_and_frozen_layers_alone",),
+        tests=("tests/test_recipe_trainer.py::test_the_emas_svb_leaves_excluded_and_frozen_layers_alone",),
         edits=(
             (
                 "timm_svb/recipe/trainer.py",
@@ -252,7 +252,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="wrapper-prefixes-in-one-order",
         breaks="module. / _orig_mod. are stripped in one fixed order only: DDP around compile keeps a prefix",
-        tests=("tests/test_recipe.py::test_plain_state_dict_drops_wrapper_prefixes",),
+        tests=("tests/test_recipe_rundir.py::test_plain_state_dict_drops_wrapper_prefixes",),
         edits=(
             (
                 "timm_svb/recipe/rundir.py",
@@ -272,13 +272,13 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="mixup-mode-ignored",
         breaks="--mixup-mode is ignored: always batch mode",
-        tests=("tests/test_recipe.py::test_mixup_mode_is_used",),
+        tests=("tests/test_recipe_trainer.py::test_mixup_mode_is_used",),
         edits=(("timm_svb/recipe/trainer.py", "mode=args.mixup_mode,", 'mode="batch",'),),
     ),
     Mutant(
         name="cosine-ignores-warmup-offset",
         breaks="the cosine schedule counts from epoch 0, not the end of warm-up: it starts below the peak",
-        tests=("tests/test_recipe.py::test_cosine_schedule_starts_at_the_peak_after_warmup",),
+        tests=("tests/test_recipe_loop.py::test_cosine_schedule_starts_at_the_peak_after_warmup",),
         edits=(
             ("timm_svb/recipe/loop.py", "t = min(e - warmup_epochs, span) / span", "t = min(e, span) / span"),
         ),
@@ -286,7 +286,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         name="record-written-without-lock",
         breaks="two publishers writing the record at once lose entries",
-        tests=("tests/test_hub.py::test_concurrent_record_writes_keep_every_entry",),
+        tests=("tests/test_hub_record.py::test_concurrent_record_writes_keep_every_entry",),
         patch="""
             import contextlib
             import filelock

@@ -15,10 +15,9 @@ import safetensors.torch
 import torch
 from accelerate import PartialState
 from recipe_helpers import FAST, recipe_data, recipe_reporting, recipe_trainer
+from recipe_helpers import recipe_memory_data as memory_data
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import RandomCrop
-
-from timm_svb.recipe import memory_data
 
 SEEN: dict[str, list] = defaultdict(list)
 
