@@ -43,6 +43,7 @@ def test_command_lines_run_as_scripts_and_as_modules(argv: list[str]) -> None:
     assert done.returncode == 0 and "usage:" in done.stdout, done.stderr[-2000:]
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch: ~10 s
 def test_importing_the_library_leaves_the_recipe_and_the_publisher_alone() -> None:
     code = "import sys, timm_svb; print(sorted(m for m in sys.modules if m.startswith(PREFIXES)))"
     code = code.replace("PREFIXES", repr(("timm_svb.recipe", "timm_svb.hub")))
