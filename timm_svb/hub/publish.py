@@ -37,7 +37,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
-import safetensors.torch
 import timm
 import torch
 from huggingface_hub import HfApi, get_token
@@ -48,6 +47,7 @@ from torch import nn
 import timm_svb  # registers the zoo
 from timm_svb.models._pretrained import HUB_ORG
 
+from ..recipe.checkpoint import load_weights
 from ..recipe.data import DataError
 from ..recipe.options import load_config_file
 from ..recipe.validate import evaluate_run_model
@@ -135,7 +135,10 @@ def load_run_model(run: dict[str, Any], weights: Path) -> nn.Module:
     if weights.suffix != ".safetensors" or not weights.is_file():
         raise PublishError(f"{weights}: no safetensors file (only safetensors are loaded)")
     model = timm.create_model(run["model"], **run["model_kwargs"])
-    model.load_state_dict(safetensors.torch.load_file(weights, device="cpu"), strict=True)
+    try:
+        load_weights(model, weights, name=run["model"])
+    except SystemExit as e:  # the recipe's loader says what does not fit; here it is the publisher's refusal
+        raise PublishError(str(e)) from None
     if model.num_classes != run["num_classes"]:
         raise PublishError(f"model has {model.num_classes} classes, run.json says {run['num_classes']}")
     return model.eval()

@@ -28,7 +28,7 @@ from accelerate.utils import broadcast_object_list
 from torch import nn
 
 from .options import build_parser, run_of_weights
-from .rundir import WEIGHTS, RunState, jsonable, load_plain_weights, plain_state_dict
+from .rundir import WEIGHTS, RunState, jsonable, plain_state_dict
 
 _logger = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def checkpoint_plain_weights(accelerator: Accelerator, plain: nn.Module) -> None
         if [ours(m) for m in models] != [True]:
             raise RuntimeError("the recipe checkpoints exactly one model")
         models.clear()  # loaded here, not by Accelerate
-        load_plain_weights(plain, Path(input_dir) / "model.safetensors")
+        load_weights(plain, Path(input_dir) / "model.safetensors", name=type(plain).__name__)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -34,7 +34,6 @@ __all__ = [
     "WEIGHTS",
     "atomic_write_text",
     "jsonable",
-    "load_plain_weights",
     "metrics_of",
     "new_file_mode",
     "plain_state_dict",
@@ -161,12 +160,6 @@ def plain_state_dict(state: dict[str, Any]) -> dict[str, Any]:
             break
         state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
-
-
-def load_plain_weights(model: nn.Module, path: Path) -> None:
-    """Load a safetensors state dict into ``model`` (the plain timm module), strictly, whatever wrapped the
-    model that saved it."""
-    model.load_state_dict(plain_state_dict(safetensors.torch.load_file(str(path))), strict=True)
 
 
 def write_summary(path: Path, history: list[dict[str, Any]]) -> None:
