@@ -76,3 +76,22 @@ def test_results_are_labelled_by_the_data_the_runs_read() -> None:
     assert data_label(copy) == "CIFAR-10 (JPEG q75 copy)"
     assert data_label({"name": "uoft-cs/cifar10", "data_dir": None}) == "uoft-cs/cifar10"
     assert data_label({"name": "/x/other", "data_dir": "/x/other"}) == "<local>/other"
+
+
+def test_study_figure_colours_methods_as_figure_2_and_names_seeds() -> None:
+    """The committed Figure 2 study: blue SGD, red SVB, black SVB + BBN, in that order; an arm's seeds share
+    its colour, differ in line style, and the legend names each seed."""
+    from timm_svb.recipe.study import study_curves  # noqa: PLC0415
+
+    folder = Path(__file__).resolve().parents[1] / "results" / STUDY
+    curves = study_curves(sorted(p.parent for p in folder.glob("*/run.json")))
+    assert [(c.label.split(":")[0], c.color, c.linestyle) for c in curves] == [
+        ("sgd, seed 0", "tab:blue", "-"),
+        ("sgd, seed 1", "tab:blue", "--"),
+        ("svb, seed 0", "tab:red", "-"),
+        ("svb, seed 1", "tab:red", "--"),
+        ("svb_bbn, seed 0", "black", "-"),
+        ("svb_bbn, seed 1", "black", "--"),
+    ]
+    assert curves[2].label == "svb, seed 0: convnet20_svb, SVB eps 0.5"
+    assert curves[4].label.endswith("SVB eps 0.5 + BBN eps 1")

@@ -34,7 +34,7 @@ from .spectrum import MODEL_COLORS, _figure_class, _legend_below, _plot_formats,
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["RunCurves", "curves_figure", "main", "plot_curves", "read_run", "run_label"]
+__all__ = ["RunCurves", "curves_figure", "main", "plot_curves", "read_run", "run_label", "svb_setting"]
 
 
 @dataclass
@@ -47,24 +47,31 @@ class RunCurves:
     top1_err: list[float]
     ema_top1_err: list[float] | None  # None: the run kept no EMA
     svb_epochs: list[int]  # epochs in which SVB bounded the model at least once
+    color: str | None = None  # None: the next of the default colours
+    linestyle: str = "-"
 
 
 def _number(text: str | None) -> float:
     return float(text) if text not in (None, "") else math.nan
 
 
+def svb_setting(run: dict[str, Any]) -> str:
+    """The SVB/BBN bands of a run from its ``run.json``: ``"no SVB"``, ``"SVB eps 0.5"``,
+    ``"SVB eps 0.5 + BBN eps 1"``."""
+    svb = run.get("svb_config")
+    if not svb:
+        return "no SVB"
+    setting = f"SVB eps {svb['epsilon']:g}"
+    if svb.get("bbn_epsilon") is not None:
+        setting += f" + BBN eps {svb['bbn_epsilon']:g}"
+    return setting
+
+
 def run_label(run: dict[str, Any], folder: str = "") -> str:
     """A legend label from ``run.json``: the config (or run folder) name, the model, its SVB/BBN bands."""
-    svb = run.get("svb_config")
-    if svb:
-        setting = f"SVB eps {svb['epsilon']:g}"
-        if svb.get("bbn_epsilon") is not None:
-            setting += f" + BBN eps {svb['bbn_epsilon']:g}"
-    else:
-        setting = "no SVB"
     config = (run.get("args") or {}).get("config")
     name = Path(config).stem if config else folder
-    return f"{name + ': ' if name else ''}{run.get('model', '?')}, {setting}"
+    return f"{name + ': ' if name else ''}{run.get('model', '?')}, {svb_setting(run)}"
 
 
 def read_run(run_dir: str | Path, label: str | None = None) -> RunCurves:
@@ -108,10 +115,11 @@ def _line(ax: Any, epochs: list[int], values: list[float], **style: Any) -> None
 
 
 def curves_figure(runs: Sequence[RunCurves], title: str | None = None) -> Figure:
-    """Two panels, training loss and top-1 test error (percent) against epochs, one colour per run; the EMA's
-    test error dashed; triangles mark the epochs in which SVB bounded; a dot marks a point without a
-    neighbour (a 1-epoch run). The legend, under the panels, takes as many columns as fit. Returns a
-    matplotlib ``Figure`` not registered with pyplot (save it with ``fig.savefig``)."""
+    """Two panels, training loss and top-1 test error (percent) against epochs, one colour per run (or the
+    run's own ``color`` and ``linestyle``); the EMA's test error dashed; triangles mark the epochs in which
+    SVB bounded; a dot marks a point without a neighbour (a 1-epoch run). The legend, under the panels,
+    takes as many columns as fit. Returns a matplotlib ``Figure`` not registered with pyplot (save it with
+    ``fig.savefig``)."""
     if not runs:
         raise ValueError("no runs to plot")
     Figure = _figure_class()
@@ -120,9 +128,9 @@ def curves_figure(runs: Sequence[RunCurves], title: str | None = None) -> Figure
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     loss_ax, err_ax = fig.subplots(1, 2)
     for i, run in enumerate(runs):
-        color = MODEL_COLORS[i % len(MODEL_COLORS)]
+        color = run.color or MODEL_COLORS[i % len(MODEL_COLORS)]
         for ax, values in ((loss_ax, run.train_loss), (err_ax, run.top1_err)):
-            _line(ax, run.epochs, values, color=color, label=run.label)
+            _line(ax, run.epochs, values, color=color, linestyle=run.linestyle, label=run.label)
             marked = [v for e, v in zip(run.epochs, values, strict=True) if e in run.svb_epochs]
             ax.plot(run.svb_epochs, marked, linestyle="none", marker="v", markersize=5, color=color)
         if run.ema_top1_err is not None:

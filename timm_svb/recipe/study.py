@@ -13,7 +13,8 @@ resumed (``--resume``), so the same command continues a study that was cut short
 After every finished run, its ``summary.csv``, ``args.yaml`` and ``run.json`` (no weights) are copied to
 ``--results/<study>/<arm>_s<seed>/`` with ``machine.json`` (the CPU, its cores and torch's threads), and
 ``--results/<study>/table.md`` (final and best top-1 test error, mean +- std over seeds, epochs, wall time)
-and ``curves.png`` (the test-error curves of every run, :mod:`timm_svb.curves`) are rewritten.
+and ``curves.png`` (the curves of every run, :mod:`timm_svb.curves`, coloured as Figure 2: blue SGD, red SVB,
+black SVB + BBN) are rewritten.
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .options import CONFIG_DIR
+
+if TYPE_CHECKING:
+    from timm_svb.curves import RunCurves
 
 CONFIGS = CONFIG_DIR
 KEPT = ("summary.csv", "args.yaml", "run.json")
@@ -113,9 +118,35 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
 
 
+# Figure 2's colours: blue SGD, red SVB, black SVB + BBN; the seeds of an arm in one colour, their line styles
+# differing
+ARM_COLORS = {"no SVB": "tab:blue", "SVB": "tab:red", "SVB + BBN": "black"}
+SEED_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def study_curves(runs: list[Path]) -> list[RunCurves]:
+    """The curves of a study's finished result folders (``<arm>_s<seed>``), each labelled by its arm and
+    seed, coloured as Figure 2 colours its methods."""
+    from timm_svb.curves import read_run, svb_setting  # noqa: PLC0415
+
+    curves, seen = [], {}
+    for run in runs:
+        arm, seed = run.name.rsplit("_s", 1)
+        record = json.loads((run / "run.json").read_text(encoding="utf-8"))
+        setting = svb_setting(record)
+        method = "no SVB" if not record.get("svb_config") else "SVB + BBN" if "BBN" in setting else "SVB"
+        curve = read_run(run, f"{arm}, seed {seed}: {record.get('model', '?')}, {setting}")
+        curve.color = ARM_COLORS[method]
+        curve.linestyle = SEED_LINESTYLES[seen.setdefault(arm, 0) % len(SEED_LINESTYLES)]
+        seen[arm] += 1
+        curves.append(curve)
+    methods = list(ARM_COLORS.values())
+    return sorted(curves, key=lambda c: methods.index(c.color))  # stable: arms and seeds stay in order
+
+
 def report(study: str, results: Path) -> Path:
     """Write ``table.md`` and ``curves.png`` of the finished runs under ``results/<study>``."""
-    from timm_svb.curves import plot_curves  # noqa: PLC0415
+    from timm_svb.curves import curves_figure  # noqa: PLC0415
     from timm_svb.hub.card import data_label  # noqa: PLC0415
 
     folder = results / study
@@ -160,7 +191,7 @@ def report(study: str, results: Path) -> Path:
     ]
     table = folder / "table.md"
     table.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    plot_curves(runs, folder / "curves.png", title=f"{study}: {label}")
+    curves_figure(study_curves(runs), title=f"{study}: {label}").savefig(folder / "curves.png", dpi=120)
     return table
 
 
