@@ -79,12 +79,11 @@ def test_results_are_labelled_by_the_data_the_runs_read() -> None:
 
 
 def test_study_figure_colours_methods_as_figure_2_and_names_seeds() -> None:
-    """The committed Figure 2 study: blue SGD, red SVB, black SVB + BBN, in that order; an arm's seeds share
-    its colour, differ in line style, and the legend names each seed."""
-    from timm_svb.recipe.study import study_curves  # noqa: PLC0415
+    """The committed Figure 2 study: blue SGD, red SVB, black SVB + BBN, in that order (the table's too); an
+    arm's seeds share its colour, differ in line style, and the legend names each seed."""
+    from timm_svb.recipe.study import finished_runs, study_curves  # noqa: PLC0415
 
-    folder = Path(__file__).resolve().parents[1] / "results" / STUDY
-    curves = study_curves(sorted(p.parent for p in folder.glob("*/run.json")))
+    curves = study_curves(finished_runs(Path(__file__).resolve().parents[1] / "results" / STUDY))
     assert [(c.label.split(":")[0], c.color, c.linestyle) for c in curves] == [
         ("sgd, seed 0", "tab:blue", "-"),
         ("sgd, seed 1", "tab:blue", "--"),
@@ -95,3 +94,5 @@ def test_study_figure_colours_methods_as_figure_2_and_names_seeds() -> None:
     ]
     assert curves[2].label == "svb, seed 0: convnet20_svb, SVB eps 0.5"
     assert curves[4].label.endswith("SVB eps 0.5 + BBN eps 1")
+    table = (Path(__file__).resolve().parents[1] / "results" / STUDY / "table.md").read_text()
+    assert table.index("| sgd |") < table.index("| svb |") < table.index("| svb_bbn |")

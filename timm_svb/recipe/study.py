@@ -124,24 +124,41 @@ ARM_COLORS = {"no SVB": "tab:blue", "SVB": "tab:red", "SVB + BBN": "black"}
 SEED_LINESTYLES = ("-", "--", ":", "-.")
 
 
+def _method(record: dict) -> str:
+    """The method of a run, from its ``run.json``: ``"no SVB"``, ``"SVB"`` or ``"SVB + BBN"``."""
+    svb = record.get("svb_config")
+    if not svb:
+        return "no SVB"
+    return "SVB + BBN" if svb.get("bbn_epsilon") is not None else "SVB"
+
+
+def _record(run: Path) -> dict:
+    return json.loads((run / "run.json").read_text(encoding="utf-8"))
+
+
+def finished_runs(folder: Path) -> list[Path]:
+    """The result folders of a study's finished runs (``<arm>_s<seed>``), in Figure 2's order of methods (SGD,
+    SVB, SVB + BBN), then by arm and seed."""
+    methods = list(ARM_COLORS)
+    runs = sorted(p.parent for p in folder.glob("*/run.json"))
+    return sorted(runs, key=lambda run: methods.index(_method(_record(run))))  # stable: arm, seed kept
+
+
 def study_curves(runs: list[Path]) -> list[RunCurves]:
-    """The curves of a study's finished result folders (``<arm>_s<seed>``), each labelled by its arm and
-    seed, coloured as Figure 2 colours its methods."""
+    """The curves of a study's result folders (``<arm>_s<seed>``), each labelled by its arm and seed and
+    coloured as Figure 2 colours its method; an arm's seeds differ in line style."""
     from timm_svb.curves import read_run, svb_setting  # noqa: PLC0415
 
     curves, seen = [], {}
     for run in runs:
         arm, seed = run.name.rsplit("_s", 1)
-        record = json.loads((run / "run.json").read_text(encoding="utf-8"))
-        setting = svb_setting(record)
-        method = "no SVB" if not record.get("svb_config") else "SVB + BBN" if "BBN" in setting else "SVB"
-        curve = read_run(run, f"{arm}, seed {seed}: {record.get('model', '?')}, {setting}")
-        curve.color = ARM_COLORS[method]
+        record = _record(run)
+        curve = read_run(run, f"{arm}, seed {seed}: {record.get('model', '?')}, {svb_setting(record)}")
+        curve.color = ARM_COLORS[_method(record)]
         curve.linestyle = SEED_LINESTYLES[seen.setdefault(arm, 0) % len(SEED_LINESTYLES)]
         seen[arm] += 1
         curves.append(curve)
-    methods = list(ARM_COLORS.values())
-    return sorted(curves, key=lambda c: methods.index(c.color))  # stable: arms and seeds stay in order
+    return curves
 
 
 def report(study: str, results: Path) -> Path:
@@ -150,10 +167,10 @@ def report(study: str, results: Path) -> Path:
     from timm_svb.hub.card import data_label  # noqa: PLC0415
 
     folder = results / study
-    runs = sorted(p.parent for p in folder.glob("*/run.json"))
+    runs = finished_runs(folder)
     if not runs:
         raise SystemExit(f"no finished runs under {folder}")
-    first = json.loads((runs[0] / "run.json").read_text(encoding="utf-8"))
+    first = _record(runs[0])
     cores = json.loads((runs[0] / "machine.json").read_text(encoding="utf-8"))["cores"]
     label = f"{data_label(first['dataset'])}, {first['epochs']} epochs, {cores} CPU cores"
     lines = [
@@ -175,7 +192,7 @@ def report(study: str, results: Path) -> Path:
             bests.append(min(errors))
             minutes.append(sum(float(r["epoch_s"]) for r in rows) / 60)
             seeds.append(run.name.rsplit("_s", 1)[1])
-        record = json.loads((arm_runs[0] / "run.json").read_text(encoding="utf-8"))
+        record = _record(arm_runs[0])
         info = json.loads((arm_runs[0] / "machine.json").read_text(encoding="utf-8"))
         per_seed = ", ".join(f"{f:.2f} / {b:.2f}" for f, b in zip(finals, bests, strict=True))
         lines.append(
