@@ -83,16 +83,18 @@ def test_study_figure_colours_methods_as_figure_2_and_names_seeds() -> None:
     arm's seeds share its colour, differ in line style, and the legend names each seed."""
     from timm_svb.recipe.study import finished_runs, study_curves  # noqa: PLC0415
 
-    curves = study_curves(finished_runs(Path(__file__).resolve().parents[1] / "results" / STUDY))
-    assert [(c.label.split(":")[0], c.color, c.linestyle) for c in curves] == [
-        ("sgd, seed 0", "tab:blue", "-"),
-        ("sgd, seed 1", "tab:blue", "--"),
-        ("svb, seed 0", "tab:red", "-"),
-        ("svb, seed 1", "tab:red", "--"),
-        ("svb_bbn, seed 0", "black", "-"),
-        ("svb_bbn, seed 1", "black", "--"),
+    folder = Path(__file__).resolve().parents[1] / "results" / STUDY
+    curves = study_curves(finished_runs(folder))
+    colors = {"sgd": "tab:blue", "svb": "tab:red", "svb_bbn": "black"}
+    seeds = {arm: sorted(p.name.rsplit("_s", 1)[1] for p in folder.glob(f"{arm}_s*")) for arm in colors}
+    assert all(len(s) >= 2 for s in seeds.values()), seeds
+    expected = [
+        (f"{arm}, seed {seed}", color, ("-", "--", ":")[i])
+        for arm, color in colors.items()
+        for i, seed in enumerate(seeds[arm])
     ]
-    assert curves[2].label == "svb, seed 0: convnet20_svb, SVB eps 0.5"
-    assert curves[4].label.endswith("SVB eps 0.5 + BBN eps 1")
-    table = (Path(__file__).resolve().parents[1] / "results" / STUDY / "table.md").read_text()
+    assert [(c.label.split(":")[0], c.color, c.linestyle) for c in curves] == expected
+    assert curves[len(seeds["sgd"])].label == "svb, seed 0: convnet20_svb, SVB eps 0.5"
+    assert curves[-1].label.endswith("SVB eps 0.5 + BBN eps 1")
+    table = (folder / "table.md").read_text()
     assert table.index("| sgd |") < table.index("| svb |") < table.index("| svb_bbn |")
