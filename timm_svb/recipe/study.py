@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .options import CONFIG_DIR
 
@@ -120,11 +120,11 @@ def _mean_std(values: list[float]) -> str:
 
 # Figure 2's colours: blue SGD, red SVB, black SVB + BBN; the seeds of an arm in one colour, their line styles
 # differing
-ARM_COLORS = {"no SVB": "tab:blue", "SVB": "tab:red", "SVB + BBN": "black"}
+METHOD_COLORS = {"no SVB": "tab:blue", "SVB": "tab:red", "SVB + BBN": "black"}
 SEED_LINESTYLES = ("-", "--", ":", "-.")
 
 
-def _method(record: dict) -> str:
+def _method(record: dict[str, Any]) -> str:
     """The method of a run, from its ``run.json``: ``"no SVB"``, ``"SVB"`` or ``"SVB + BBN"``."""
     svb = record.get("svb_config")
     if not svb:
@@ -132,14 +132,14 @@ def _method(record: dict) -> str:
     return "SVB + BBN" if svb.get("bbn_epsilon") is not None else "SVB"
 
 
-def _record(run: Path) -> dict:
+def _record(run: Path) -> dict[str, Any]:
     return json.loads((run / "run.json").read_text(encoding="utf-8"))
 
 
 def finished_runs(folder: Path) -> list[Path]:
     """The result folders of a study's finished runs (``<arm>_s<seed>``), in Figure 2's order of methods (SGD,
     SVB, SVB + BBN), then by arm and seed."""
-    methods = list(ARM_COLORS)
+    methods = list(METHOD_COLORS)
     runs = sorted(p.parent for p in folder.glob("*/run.json"))
     return sorted(runs, key=lambda run: methods.index(_method(_record(run))))  # stable: arm, seed kept
 
@@ -154,7 +154,7 @@ def study_curves(runs: list[Path]) -> list[RunCurves]:
         arm, seed = run.name.rsplit("_s", 1)
         record = _record(run)
         curve = read_run(run, f"{arm}, seed {seed}: {record.get('model', '?')}, {svb_setting(record)}")
-        curve.color = ARM_COLORS[_method(record)]
+        curve.color = METHOD_COLORS[_method(record)]
         curve.linestyle = SEED_LINESTYLES[seen.setdefault(arm, 0) % len(SEED_LINESTYLES)]
         seen[arm] += 1
         curves.append(curve)
